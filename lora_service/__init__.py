@@ -1,0 +1,2 @@
+"""lora-service."""
+__version__ = "0.1.0"

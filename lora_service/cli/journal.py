@@ -1,0 +1,165 @@
+"""Commands that read the journal as a whole: `status`, `events`, `verify`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lora_service.cli.common import (
+    config_option,
+    emit_json,
+    emit_json_line,
+    json_option,
+    load,
+    open_journal,
+)
+from lora_service.daemon.statusfile import read_status
+from lora_service.journal import Journal, queries
+from lora_service.journal.verify import verify as run_verify
+from lora_service.store import StateLock
+
+
+def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
+    head = queries.head(journal)
+    run = queries.running_run(journal)
+    running = None
+    if run is not None:
+        done = run["last_step"] - run["start_step"]
+        running = {
+            "run_id": run["run_id"],
+            "step": run["last_step"],
+            "start_step": run["start_step"],
+            "total_steps": run["total_steps"],
+            "progress": f"{done}/{run['total_steps']}",
+            "parent": run["parent"],
+        }
+        rate = journal.query(
+            "SELECT avg(images_per_s) AS r FROM loss_points WHERE run_id = ?", [run["run_id"]]
+        )[0]["r"]
+        if rate:
+            batch = (queries.loads(run["config"]) or {}).get("train", {}).get("batch_size", 1)
+            remaining = max(0, run["total_steps"] - done)
+            running["eta_seconds"] = round(remaining * batch / rate, 1)
+    failed = journal.query(
+        "SELECT run_id, last_error, failures, status, ended_at FROM runs"
+        " WHERE status IN ('failed', 'gave_up') ORDER BY started_seq DESC LIMIT 1"
+    )
+    held = journal.query(
+        "SELECT version, held_reason FROM versions WHERE held = 1 ORDER BY created_seq DESC"
+    )
+    last = journal.query("SELECT seq, hash, ts FROM events ORDER BY seq DESC LIMIT 1")
+    holder = StateLock(state_dir).holder()
+    daemon = read_status(state_dir) if holder else None
+    return {
+        "head": (
+            {"version": head["version"], "since": head["ts"], "reason": head["reason"],
+             "moved_by": head["moved_by"]}
+            if head
+            else None
+        ),
+        "running": running,
+        "pending": {
+            "batches": queries.pending_batches(journal),
+            "images": queries.pending_images(journal),
+        },
+        "held": [{"version": h["version"], "reason": h["held_reason"]} for h in held],
+        "last_failure": failed[0] if failed else None,
+        "next_run": daemon.get("next_run") if daemon else None,
+        "daemon": {"running": holder is not None, "pid": holder, **(daemon or {})},
+        "journal": last[0] if last else {"seq": 0, "hash": None, "ts": None},
+    }
+
+
+@click.command()
+@config_option
+@json_option
+def status(config_path: Path, as_json: bool) -> None:
+    """Head, running run and its step, pending batches, next scheduled run, journal position."""
+    config = load(config_path)
+    with open_journal(config) as journal:
+        info = collect_status(journal, config.paths.state)
+    if as_json:
+        emit_json(info)
+        return
+    head = info["head"]
+    click.echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none yet")
+    run = info["running"]
+    if run:
+        eta = f", ETA {run['eta_seconds']:.0f}s" if run.get("eta_seconds") is not None else ""
+        click.echo(f"running:   {run['run_id']} step {run['step']} ({run['progress']}){eta}")
+    else:
+        click.echo("running:   nothing")
+    pending = info["pending"]
+    click.echo(f"pending:   {len(pending['batches'])} batches, {pending['images']} images")
+    for held in info["held"]:
+        click.echo(f"held:      {held['version']}: {held['reason']}")
+    failure = info["last_failure"]
+    if failure:
+        click.echo(f"failure:   {failure['run_id']}: {failure['last_error']}")
+    daemon = info["daemon"]
+    click.echo(
+        f"daemon:    running (pid {daemon['pid']})" if daemon["running"] else "daemon:    not running"
+    )
+    if info["next_run"]:
+        click.echo(f"next run:  {info['next_run']}")
+    position = info["journal"]
+    click.echo(f"journal:   seq {position['seq']}")
+
+
+def _line(stored: Any) -> str:
+    payload = stored.payload
+    brief = ", ".join(
+        f"{k}={v}"
+        for k, v in payload.items()
+        if k not in ("files", "released", "config") and v not in (None, [], {}, "")
+        and not isinstance(v, (list, dict))
+    )
+    return f"{stored.seq:>6}  {stored.ts}  {stored.type:<20} {brief}"
+
+
+@click.command()
+@config_option
+@json_option
+@click.option("--since", type=click.IntRange(min=0), default=0, help="Only events after SEQ.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they come.")
+def events(config_path: Path, as_json: bool, since: int, follow: bool) -> None:
+    """The journal, oldest first; one JSON object a line with --json."""
+    config = load(config_path)
+    with open_journal(config) as journal:
+        position = since
+        while True:
+            for stored in journal.events(since=position):
+                if as_json:
+                    emit_json_line(stored.as_json())
+                else:
+                    click.echo(_line(stored))
+                position = stored.seq
+            if not follow:
+                return
+            time.sleep(0.3)
+
+
+@click.command()
+@config_option
+@json_option
+def verify(config_path: Path, as_json: bool) -> None:
+    """Check the hash chain, rebuild projections and compare, check every file's sha256."""
+    config = load(config_path)
+    with open_journal(config) as journal:
+        report = run_verify(journal, config.paths.state)
+    if as_json:
+        emit_json({"ok": report.ok, "events": report.events, "files": report.files,
+                   "problems": report.problems})
+    else:
+        for problem in report.problems:
+            click.echo(problem)
+        verdict = "ok" if report.ok else f"FAILED: {len(report.problems)} problems"
+        click.echo(f"{verdict}: {report.events} events, {report.files} files checked")
+    if not report.ok:
+        click.get_current_context().exit(1)
+
+
+COMMANDS = [status, events, verify]

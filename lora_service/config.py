@@ -1,0 +1,280 @@
+"""The one YAML configuration file, validated by pydantic.
+
+Unknown keys are errors (a typo must not pass silently), every error names its key path, the bad
+value and what is allowed, on one line. Relative paths resolve against the config file's folder,
+so `daemon/config.yaml` can say `../inbox` and work from any current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lora_service.errors import UsageError
+
+DEFAULT_CONFIG = Path("daemon/config.yaml")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Paths(Section):
+    inbox: Path = Path("inbox")
+    state: Path = Path("state")
+    deploy_dir: Path | None = Field(
+        default=None, description="the head's kohya file is copied here on every head change"
+    )
+
+
+class Lora(Section):
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=8.0, gt=0)
+    target_modules: tuple[str, ...] = Field(
+        default=("to_q", "to_k", "to_v", "to_out.0"), min_length=1
+    )
+    train_text_encoder: bool = False
+
+
+class Train(Section):
+    resolution: int = Field(default=64, ge=8, le=4096, multiple_of=8)
+    batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    epochs: int = Field(default=10, ge=1, description="epochs of a lineage's first run")
+    max_steps: int | None = Field(default=None, ge=1, description="caps the steps of any run")
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    incremental_lr_factor: float = Field(
+        default=0.4, gt=0, le=1, description="incremental runs use learning_rate x this"
+    )
+    incremental_epochs: int = Field(default=5, ge=1, description="at most this many per increment")
+    rehearsal_ratio: float = Field(
+        default=0.25, ge=0, le=1, description="share of older lineage samples mixed into a run"
+    )
+    lr_scheduler: Literal[
+        "constant",
+        "constant_with_warmup",
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+    ] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    threads: int = Field(
+        default=2, ge=1, le=256, description="torch threads; resume uses the recorded value"
+    )
+    save_steps: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    cache_latents: bool = True
+    validation_split: float = Field(default=0.1, ge=0, lt=1)
+    promote: Literal["always", "if_not_worse", "manual"] = "if_not_worse"
+    promote_tolerance: float = Field(
+        default=0.05, ge=0, description="allowed relative rise of validation loss on known batches"
+    )
+    num_processes: int = Field(default=1, ge=1, description=">1 starts the child via accelerate")
+
+
+class Schedule(Section):
+    cron: str | None = Field(default=None, description="crontab line, e.g. '0 3 * * *'")
+    interval: float | None = Field(
+        default=None, gt=0, description="seconds between runs; '90s', '10m', '2h' accepted"
+    )
+    min_new_images: int = Field(default=1, ge=1)
+    on_arrival: bool = Field(default=True, description="train as soon as enough images arrive")
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = _DURATION.match(value)
+            if not match:
+                raise ValueError("must be seconds or a duration like '90s', '10m', '2h', '1d'")
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _crontab(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"is not a crontab line with 5 fields ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Schedule:
+        if self.cron and self.interval:
+            raise ValueError("set cron or interval, not both")
+        return self
+
+
+class Inbox(Section):
+    settle_seconds: float = Field(default=5.0, ge=0)
+    ready_marker: str = Field(default="READY", min_length=1)
+    min_images: int = Field(default=1, ge=1)
+    min_image_side: int = Field(default=16, ge=1, description="smaller images are rejected")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="larger images are rejected before decoding"
+    )
+    max_caption_chars: int = Field(default=1000, ge=1)
+    allowed_extensions: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp")
+
+    @field_validator("allowed_extensions")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(ext.lower().lstrip(".") for ext in value)
+
+
+class Labelling(Section):
+    enabled: bool = False
+    model: str = Field(default="ViT-B-32", description="open_clip architecture name")
+    weights: Path | None = Field(default=None, description="local open_clip weights file")
+    vocabulary: tuple[str, ...] = (
+        "person",
+        "face",
+        "animal",
+        "building",
+        "landscape",
+        "object",
+        "drawing",
+        "photo",
+    )
+    top_k: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _weights_needed(self) -> Labelling:
+        if self.enabled and self.weights is None:
+            raise ValueError("labelling.enabled needs labelling.weights (a local open_clip file)")
+        return self
+
+
+class Samples(Section):
+    enabled: bool = True
+    prompts: tuple[str, ...] = ("a photo",)
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = Field(default=4, ge=1, le=200)
+    guidance_scale: float = Field(default=5.0, ge=0)
+    size: int = Field(default=64, ge=8, le=2048, multiple_of=8)
+    negative_prompt: str = ""
+
+
+class Logging(Section):
+    file: Path | None = Field(default=None, description="default: <state>/logs/train.log")
+    json_: bool = Field(default=True, alias="json")
+    tensorboard: bool = True
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Section):
+    name: str = "lora-service"
+    paths: Paths = Paths()
+    base_model: str = Field(
+        default="builtin:tiny-sd",
+        description="builtin:tiny-sd, a local diffusers folder or a local .safetensors file",
+    )
+    lora: Lora = Lora()
+    train: Train = Train()
+    schedule: Schedule = Schedule()
+    inbox: Inbox = Inbox()
+    labelling: Labelling = Labelling()
+    samples: Samples = Samples()
+    logging: Logging = Logging()
+
+    source: Path | None = Field(default=None, exclude=True, description="the file it came from")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.paths.state
+
+    def effective(self) -> dict[str, Any]:
+        """The whole configuration as plain JSON, defaults included: what a run records."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        blob = json.dumps(self.effective(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key (check the spelling; see docs/config.md)"
+    if kind == "missing":
+        return f"{where}: required"
+    message = error["msg"]
+    message = message.removeprefix("Value error, ")
+    return f"{where}: {error.get('input')!r} — {message}"
+
+
+def _resolve(base: Path, path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def parse_config(data: Any, source: Path) -> Config:
+    """Validate already-parsed YAML; `source` names the file in errors and anchors paths."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: the top level must be a mapping of sections")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise UsageError(f"{source}: {problems}") from None
+    base = source.resolve().parent
+    paths = Paths(
+        inbox=_resolve(base, config.paths.inbox),
+        state=_resolve(base, config.paths.state),
+        deploy_dir=_resolve(base, config.paths.deploy_dir),
+    )
+    base_model = config.base_model
+    if not base_model.startswith("builtin:"):
+        base_model = str(_resolve(base, Path(base_model)))
+    update: dict[str, Any] = {"paths": paths, "base_model": base_model, "source": source.resolve()}
+    if config.labelling.weights is not None:
+        labelling = config.labelling.model_copy(
+            update={"weights": _resolve(base, config.labelling.weights)}
+        )
+        update["labelling"] = labelling
+    if config.logging.file is not None:
+        update["logging"] = config.logging.model_copy(
+            update={"file": _resolve(base, config.logging.file)}
+        )
+    return config.model_copy(update=update)
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_config(data, path)

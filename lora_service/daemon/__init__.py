@@ -1,0 +1,1 @@
+"""The long-running service: supervisor, schedule, training child, systemd integration."""
