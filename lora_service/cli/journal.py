@@ -85,7 +85,7 @@ def status(config_path: Path, as_json: bool) -> None:
         emit_json(info)
         return
     head = info["head"]
-    click.echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none yet")
+    click.echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none")
     run = info["running"]
     if run:
         eta = f", ETA {run['eta_seconds']:.0f}s" if run.get("eta_seconds") is not None else ""
@@ -100,9 +100,8 @@ def status(config_path: Path, as_json: bool) -> None:
     if failure:
         click.echo(f"failure:   {failure['run_id']}: {failure['last_error']}")
     daemon = info["daemon"]
-    click.echo(
-        f"daemon:    running (pid {daemon['pid']})" if daemon["running"] else "daemon:    not running"
-    )
+    running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
+    click.echo(f"daemon:    {running}")
     if info["next_run"]:
         click.echo(f"next run:  {info['next_run']}")
     position = info["journal"]

@@ -94,6 +94,7 @@ class BatchRejected(Event):
     name: str
     reason: str
     bad: tuple[BadFile, ...] = ()
+    notes: tuple[str, ...] = ()
     moved_to: str
 
 
@@ -210,7 +211,9 @@ class HeadMoved(Event):
 class VersionExported(Event):
     version: str
     path: str  # outside the state folder (deploy_dir), so not in `files`
-    sha256: Sha256
+    sha256: Sha256  # of the kohya file; of adapter_model.safetensors for a peft export
+    kind: Literal["deploy", "export"] = "deploy"  # deploy_dir follows the head / user export
+    format: Literal["kohya", "peft"] = "kohya"
 
 
 class SamplesRendered(Event):

@@ -60,8 +60,7 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "version_batches": ("version TEXT, batch_id TEXT, new INTEGER", ("version", "batch_id")),
     "head": (
-        "id INTEGER, version TEXT, previous TEXT, reason TEXT, moved_by TEXT, seq INTEGER,"
-        " ts TEXT",
+        "id INTEGER, version TEXT, previous TEXT, reason TEXT, moved_by TEXT, seq INTEGER, ts TEXT",
         ("id",),
     ),
     "loss_points": (
@@ -69,11 +68,13 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("seq",),
     ),
     "samples": (
-        "version TEXT, seq INTEGER, prompts TEXT, seeds TEXT, seconds REAL, error TEXT,"
-        " files TEXT",
+        "version TEXT, seq INTEGER, prompts TEXT, seeds TEXT, seconds REAL, error TEXT, files TEXT",
         ("version",),
     ),
-    "exports": ("seq INTEGER, version TEXT, path TEXT, sha256 TEXT", ("seq",)),
+    "exports": (
+        "seq INTEGER, version TEXT, path TEXT, sha256 TEXT, kind TEXT, format TEXT",
+        ("seq",),
+    ),
     "files": ("path TEXT, sha256 TEXT, seq INTEGER, released INTEGER", ("path",)),
 }
 
@@ -174,8 +175,18 @@ def _(event: ev.BatchAccepted, seq: int, ts: str) -> list[Change]:
 @_changes.register
 def _(event: ev.BatchRejected, seq: int, ts: str) -> list[Change]:
     bad = _json([b.model_dump() for b in event.bad])
-    return [_intake(seq, ts, event.name, "rejected", reason=event.reason, bad=bad,
-                    moved_to=event.moved_to)]
+    return [
+        _intake(
+            seq,
+            ts,
+            event.name,
+            "rejected",
+            reason=event.reason,
+            bad=bad,
+            notes=_json(event.notes),
+            moved_to=event.moved_to,
+        )
+    ]
 
 
 @_changes.register
@@ -242,8 +253,11 @@ def _(event: ev.CheckpointSaved, seq: int, ts: str) -> list[Change]:
     row = {"run_id": event.run_id, "step": event.step, "path": event.path, "seq": seq}
     out: list[Change] = [
         Upsert("checkpoints", row | {"released": 0}),
-        Update("runs", {"last_checkpoint": event.path, "last_step": event.step},
-               {"run_id": event.run_id}),
+        Update(
+            "runs",
+            {"last_checkpoint": event.path, "last_step": event.step},
+            {"run_id": event.run_id},
+        ),
     ]
     for folder in sorted({posixpath.dirname(p) for p in event.released}):
         out.append(Update("checkpoints", {"released": 1}, {"path": folder}))
@@ -300,22 +314,28 @@ def _(event: ev.VersionCreated, seq: int, ts: str) -> list[Change]:
         Upsert("versions", row),
         Update(
             "runs",
-            {"status": "finished", "version": event.version, "last_step": event.step,
-             "ended_at": ts},
+            {
+                "status": "finished",
+                "version": event.version,
+                "last_step": event.step,
+                "ended_at": ts,
+            },
             {"run_id": event.run_id},
         ),
     ]
     for batch_id in event.batches:
         new = int(batch_id in event.new_batches)
-        out.append(Upsert("version_batches", {"version": event.version, "batch_id": batch_id,
-                                              "new": new}))
+        out.append(
+            Upsert("version_batches", {"version": event.version, "batch_id": batch_id, "new": new})
+        )
     return out
 
 
 @_changes.register
 def _(event: ev.VersionHeld, seq: int, ts: str) -> list[Change]:
-    return [Update("versions", {"held": 1, "held_reason": event.reason},
-                   {"version": event.version})]
+    return [
+        Update("versions", {"held": 1, "held_reason": event.reason}, {"version": event.version})
+    ]
 
 
 @_changes.register
@@ -330,7 +350,7 @@ def _(event: ev.HeadMoved, seq: int, ts: str) -> list[Change]:
 @_changes.register
 def _(event: ev.VersionExported, seq: int, ts: str) -> list[Change]:
     row = {"seq": seq, "version": event.version, "path": event.path, "sha256": event.sha256}
-    return [Upsert("exports", row)]
+    return [Upsert("exports", row | {"kind": event.kind, "format": event.format})]
 
 
 @_changes.register
@@ -368,8 +388,11 @@ def apply(conn: sqlite3.Connection, batch: Iterable[Change]) -> None:
                 f"INSERT INTO {change.table} ({', '.join(cols)}) "
                 f"VALUES ({', '.join('?' for _ in cols)}) "
                 f"ON CONFLICT ({', '.join(pk)}) DO "
-                + (f"UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in updates)}"
-                   if updates else "NOTHING")
+                + (
+                    f"UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in updates)}"
+                    if updates
+                    else "NOTHING"
+                )
             )
             conn.execute(sql, [change.row[c] for c in cols])
         else:

@@ -31,7 +31,9 @@ def version(journal: Journal, name: str) -> dict[str, Any] | None:
 
 def lineage(journal: Journal, name: str | None) -> list[str]:
     """`name`, its parent, its parent's parent ... back to the first version of the lineage."""
-    parents = {r["version"]: r["parent"] for r in journal.query("SELECT version, parent FROM versions")}
+    parents = {
+        r["version"]: r["parent"] for r in journal.query("SELECT version, parent FROM versions")
+    }
     chain: list[str] = []
     while name is not None and name in parents and name not in chain:
         chain.append(name)
@@ -90,7 +92,9 @@ def pending_images(journal: Journal) -> int:
     if not pending:
         return 0
     marks = ", ".join("?" for _ in pending)
-    rows = journal.query(f"SELECT sum(images) AS n FROM batches WHERE batch_id IN ({marks})", pending)
+    rows = journal.query(
+        f"SELECT sum(images) AS n FROM batches WHERE batch_id IN ({marks})", pending
+    )
     return int(rows[0]["n"] or 0)
 
 

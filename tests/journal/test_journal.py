@@ -11,8 +11,8 @@ import pytest
 
 from lora_service.journal import Journal
 from lora_service.journal import events as ev
-from lora_service.journal.verify import rebuild, verify
 from lora_service.journal.projections import TABLES, snapshot
+from lora_service.journal.verify import rebuild, verify
 
 APPENDER = Path(__file__).with_name("appender.py")
 
@@ -78,7 +78,9 @@ def test_verify_names_the_seq_of_a_changed_payload_byte(tmp_path: Path) -> None:
     journal.append(*(ev.BatchDetected(name=f"batch{i}") for i in range(5)))
     journal.close()
     # one byte of event 3's payload: batch2 -> batch3
-    _tamper(tmp_path, "UPDATE events SET payload = replace(payload, 'batch2', 'batch3') WHERE seq = 3")
+    _tamper(
+        tmp_path, "UPDATE events SET payload = replace(payload, 'batch2', 'batch3') WHERE seq = 3"
+    )
     report = verify(Journal.for_state(tmp_path), tmp_path)
     assert not report.ok
     assert any(p.startswith("event seq 3 ") and "hash mismatch" in p for p in report.problems)

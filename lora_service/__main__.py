@@ -1,0 +1,3 @@
+from lora_service.cli import main
+
+main()

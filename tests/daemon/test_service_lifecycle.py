@@ -1,0 +1,101 @@
+"""The daemon process: lock, ServiceStarted/ServiceStopped, SIGTERM, sd_notify, no torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lora_service.journal import Journal
+
+TIMEOUT = 60
+
+
+def start(config: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_service", "run", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env},
+    )
+
+
+def wait_for_event(state: Path, type_: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (state / "journal.sqlite").exists():
+            with Journal.for_state(state) as journal:
+                if any(True for _ in journal.events(types=(type_,))):
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"no {type_} within {timeout}s")
+
+
+def test_run_journals_start_and_stop_and_refuses_a_second_instance(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = write_config()
+    state = tmp_path / "state"
+    daemon = start(config)
+    try:
+        wait_for_event(state, "ServiceStarted")
+        second = subprocess.run(
+            [sys.executable, "-m", "lora_service", "run", "--config", str(config)],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )
+        assert second.returncode == 2
+        assert "another lora-service daemon is running" in second.stderr
+        assert f"pid {daemon.pid}" in second.stderr
+        status = subprocess.run(
+            [sys.executable, "-m", "lora_service", "status", "--json", "--config", str(config)],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )
+        assert '"running": true' in status.stdout
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=TIMEOUT)
+    assert daemon.returncode == 0, daemon.stderr.read() if daemon.stderr else ""
+    with Journal.for_state(state) as journal:
+        types = [e.type for e in journal.events()]
+    assert types == ["ServiceStarted", "ServiceStopped"]
+    assert (state / "logs" / "train.log").read_text().count("service started") == 1
+
+
+def test_sd_notify_ready_then_watchdog(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(TIMEOUT)
+    daemon = start(write_config(), NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
+    try:
+        messages = [sock.recv(256).decode() for _ in range(3)]
+    finally:
+        daemon.send_signal(signal.SIGINT)
+        daemon.wait(timeout=TIMEOUT)
+        sock.close()
+    assert messages[0] == "READY=1"
+    assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+    assert daemon.returncode == 0
+
+
+def test_the_supervisor_never_imports_torch(write_config: Callable[..., Path]) -> None:
+    probe = (
+        "import sys, threading, signal, os\n"
+        "from lora_service.config import load_config\n"
+        "from lora_service.daemon.supervisor import Supervisor\n"
+        "from lora_service.cli import cli\n"
+        "s = Supervisor(load_config(sys.argv[1]))\n"
+        "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+        "assert s.run() == 0\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'open_clip')"
+        " if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(write_config())],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
