@@ -222,6 +222,9 @@ class SamplesRendered(Event):
     seeds: tuple[int, ...]
     seconds: float | None = None
     error: str | None = None
+    # steps, guidance_scale, size, negative_prompt, scheduler, threads: stored samples are
+    # reused (compare) only when these match what would be rendered now
+    settings: dict[str, Any] = Field(default_factory=dict)
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
