@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
-from lora_service.cli.common import config_option, load
-from lora_service.errors import NotAvailableYet
+from lora_service.cli.common import config_option, load, open_journal
+from lora_service.journal import events as ev
+from lora_service.store import StateLock
 
 
 @click.command()
@@ -25,8 +27,17 @@ def run(config_path: Path) -> None:
 @click.option("--fresh", is_flag=True, help="Start a new lineage instead of continuing the head.")
 def train_now(config_path: Path, fresh: bool) -> None:
     """Ask the running daemon for a run now; with no daemon running, train in the foreground."""
-    load(config_path)
-    raise NotAvailableYet("train-now")
+    config = load(config_path)
+    if StateLock(config.paths.state).holder() is not None:
+        with open_journal(config) as journal:
+            (seq,) = journal.append(
+                ev.TrainingRequested(fresh=fresh, reason="manual", pid=os.getpid())
+            )
+        click.echo(f"asked the running daemon for a run (TrainingRequested, seq {seq})")
+        return
+    from lora_service.training.foreground import train_now as foreground
+
+    click.get_current_context().exit(foreground(config, fresh=fresh))
 
 
 COMMANDS = [run, train_now]

@@ -2,32 +2,148 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from lora_service.cli.common import config_option, json_option, load
-from lora_service.errors import NotAvailableYet
+from lora_service.cli.common import (
+    config_option,
+    emit_json,
+    json_option,
+    load,
+    open_journal,
+    table,
+)
+from lora_service.errors import ServiceError, UsageError
+from lora_service.journal import events as ev
+from lora_service.journal import queries
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _per_batch(losses: dict[str, float]) -> str:
+    return ", ".join(f"{batch[:8]}: {loss:.4f}" for batch, loss in sorted(losses.items()))
+
+
+def _standing(row: dict[str, Any]) -> str:
+    if row["head"]:
+        return "head"
+    if row["held"]:
+        return f"held: {row['held_reason']}" if row["held_reason"] else "held"
+    return "lineage" if row["in_head_lineage"] else "off lineage"
 
 
 @click.command()
 @config_option
 @json_option
 def versions(config_path: Path, as_json: bool) -> None:
-    """The version history: parent, batches, images, steps, losses, head marker."""
-    load(config_path)
-    raise NotAvailableYet("versions")
+    """The version history: parent, batches, images, steps, losses, head marker.
+
+    Each version's `step` is the global step at its end and `steps` its own run's; `val_loss`
+    is on the fixed validation images, overall and per batch (`val_loss_per_batch`), so a
+    version that forgot an older batch shows it. The table indents each version under its
+    parent and says which one is the head, which are in its lineage and which were held."""
+    from lora_service.versions import history
+
+    config = load(config_path)
+    with open_journal(config) as journal:
+        rows = history.version_rows(journal)
+    if as_json:
+        emit_json(rows)
+        return
+    labels = history.tree_labels(rows)
+    _wide_table(
+        "versions",
+        ["version", "parent", "created", "batches", "images", "step (run)", "train loss",
+         "val loss", "val loss per batch", "standing"],
+        [
+            (
+                labels[r["version"]],
+                r["parent"] or "-",
+                (r["created_at"] or "")[:16].replace("T", " "),
+                f"{len(r['new_batches'])} new / {len(r['batches'])}",
+                r["images"],
+                f"{r['step']} (+{r['steps']})",
+                _loss(r["train_loss"]),
+                _loss(r["val_loss"]),
+                _per_batch(r["val_loss_per_batch"]),
+                _standing(r),
+            )
+            for r in rows
+        ],
+    )
+
+
+POINTS_SHOWN = 40
+
+
+def _wide_table(title: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+    """Like `common.table`, wide enough for the version history (the first column, the version
+    tree, never wraps; piped output gets 160 columns rather than rich's default 80)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    grid = Table(title=title)
+    for i, column in enumerate(columns):
+        grid.add_column(column, no_wrap=i == 0)
+    for row in rows:
+        grid.add_row(*("" if cell is None else str(cell) for cell in row))
+    Console(width=max(160, Console().width)).print(grid)
 
 
 @click.command()
 @config_option
 @json_option
-@click.option("--version", "version_name", metavar="V", help="Only this version's points.")
+@click.option("--version", "version_name", metavar="V",
+              help="V's lineage instead of the head's.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart.")
 def loss(config_path: Path, as_json: bool, version_name: str | None, plot: Path | None) -> None:
-    """The loss trend: per version and per logged step; a PNG chart on request."""
-    load(config_path)
-    raise NotAvailableYet("loss")
+    """The loss trend: per version and per logged step; a PNG chart on request.
+
+    Shows the lineage of the head (or of V): each version's train and validation loss, and
+    every logged train loss by global step (a version's curve continues its parent's). The
+    chart marks where each version ends and its validation loss."""
+    from lora_service.versions import history
+
+    config = load(config_path)
+    with open_journal(config) as journal:
+        series = history.loss_series(journal, version_name)
+    if plot is not None:
+        history.plot_loss(series, plot)
+    if as_json:
+        emit_json(series | ({"plot": str(plot)} if plot is not None else {}))
+        return
+    table(
+        f"losses, lineage of {series['version'] or '(no version yet)'}",
+        ["version", "steps", "train loss", "val loss", "val loss per batch"],
+        [
+            (
+                v["version"] + (" (head)" if v["head"] else ""),
+                f"{v['start_step'] + 1}-{v['step']}",
+                _loss(v["train_loss"]),
+                _loss(v["val_loss"]),
+                _per_batch(v["val_loss_per_batch"]),
+            )
+            for v in series["versions"]
+        ],
+    )
+    points = series["points"]
+    shown = points[-POINTS_SHOWN:]
+    title = "train loss by step"
+    if len(points) > len(shown):
+        title += f" (last {len(shown)} of {len(points)}; --json for all)"
+    table(
+        title,
+        ["step", "loss", "lr", "version"],
+        [(p["step"], _loss(p["loss"]), f"{p['lr']:.3g}", p["version"] or "(training)")
+         for p in shown],
+    )
+    if plot is not None:
+        click.echo(f"wrote {plot}")
 
 
 @click.command()
@@ -35,9 +151,59 @@ def loss(config_path: Path, as_json: bool, version_name: str | None, plot: Path 
 @json_option
 @click.argument("version_name", metavar="V")
 def audit(config_path: Path, as_json: bool, version_name: str) -> None:
-    """Lineage back to the base model, batches with image hashes, config, events, verification."""
-    load(config_path)
-    raise NotAvailableYet("audit")
+    """Lineage back to the base model, batches with image hashes, config, events, verification.
+
+    Every file the version depends on (its own and its ancestors' version files, every image
+    and caption of every batch trained into it, the base model's files) is re-hashed against
+    the journal; any that is missing or changed is named and the exit status is 1."""
+    from lora_service.versions import history
+
+    config = load(config_path)
+    with open_journal(config) as journal:
+        record = history.audit_record(journal, config.paths.state, version_name)
+    if as_json:
+        emit_json(record)
+    else:
+        _print_audit(record)
+    check = record["verification"]
+    if not check["ok"]:
+        raise ServiceError(
+            f"{version_name}: {len(check['problems'])} file(s) fail verification: "
+            + "; ".join(check["problems"])
+        )
+
+
+def _print_audit(record: dict[str, Any]) -> None:
+    base = record["base_model"]
+    chain = " -> ".join([*(v["version"] for v in record["lineage"]), "base"])
+    click.echo(f"audit of {record['version']} (head: {record['head'] or '-'})")
+    click.echo(f"lineage: {chain}")
+    click.echo(f"base model: {base['spec']} sha256 {base['sha256']} (seq {base['seq']})")
+    for v in record["lineage"]:
+        click.echo("")
+        click.echo(
+            f"{v['version']}: parent {v['parent'] or 'base'}, run {v['run_id']}, step "
+            f"{v['step']} (+{v['steps']}), seed {v['seed']}, lr {v['learning_rate']}, "
+            f"train loss {_loss(v['train_loss'])}, val loss {_loss(v['val_loss'])}"
+        )
+        for rel, sha in sorted(v["files"].items()):
+            click.echo(f"  file {rel} {sha}")
+        for batch in v["batches"]:
+            kind = "new" if batch["new"] else "rehearsal"
+            click.echo(f"  batch {batch['batch_id']} ({batch['name']}, {kind}, accepted at "
+                       f"seq {batch['accepted_seq']})")
+            for image in batch["images"]:
+                click.echo(f"    {image['file']} {image['sha256']} "
+                           f"[{image['caption_source']}] {image['caption']!r}")
+        for event in v["events"]:
+            click.echo(f"  event {event['seq']} {event['type']} {event['hash'][:16]}")
+    click.echo("")
+    click.echo("effective config: " + json.dumps(record["config"], sort_keys=True))
+    check = record["verification"]
+    verdict = "ok" if check["ok"] else f"FAILED ({len(check['problems'])} problem(s))"
+    click.echo(f"verification: {check['checked']} files, {verdict}")
+    for problem in check["problems"]:
+        click.echo(f"  {problem}")
 
 
 @click.command()
@@ -45,18 +211,36 @@ def audit(config_path: Path, as_json: bool, version_name: str) -> None:
 @click.argument("version_name", metavar="V")
 @click.option("--reason", required=True, help="Why (journaled with the head move).")
 def rollback(config_path: Path, version_name: str, reason: str) -> None:
-    """Move the head to V (refuses a version whose files fail verification)."""
-    load(config_path)
-    raise NotAvailableYet("rollback")
+    """Move the head to V (refuses a version whose files fail verification).
+
+    The next incremental run starts from V. Batches trained only in versions that leave the
+    head's lineage stay out of later runs until `requeue` puts them back. deploy_dir follows."""
+    from lora_service.versions import move_head
+
+    config = load(config_path)
+    with open_journal(config) as journal:
+        previous = queries.head_version(journal)
+        move_head(journal, config, version_name, reason=reason, by="rollback")
+        out = [b for b, s in queries.batch_states(journal).items() if s.status == "out of lineage"]
+    click.echo(f"head: {previous or '-'} -> {version_name}")
+    if out:
+        click.echo(f"out of the lineage now (requeue to train again): {', '.join(out)}")
 
 
 @click.command()
 @config_option
 @click.argument("version_name", metavar="V")
-def promote(config_path: Path, version_name: str) -> None:
+@click.option("--reason", default="promoted by hand", show_default=True,
+              help="Why (journaled with the head move).")
+def promote(config_path: Path, version_name: str, reason: str) -> None:
     """Move the head to a version the promotion gate held."""
-    load(config_path)
-    raise NotAvailableYet("promote")
+    from lora_service.versions import move_head
+
+    config = load(config_path)
+    with open_journal(config) as journal:
+        previous = queries.head_version(journal)
+        move_head(journal, config, version_name, reason=reason, by="promote")
+    click.echo(f"head: {previous or '-'} -> {version_name}")
 
 
 @click.command()
@@ -64,8 +248,30 @@ def promote(config_path: Path, version_name: str) -> None:
 @json_option
 def batches(config_path: Path, as_json: bool) -> None:
     """Every batch: status, images, caption sources, reasons for bad files."""
-    load(config_path)
-    raise NotAvailableYet("batches")
+    from lora_service.inbox.queries import list_batches
+
+    config = load(config_path)
+    with open_journal(config) as journal:
+        rows = list_batches(journal)
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        "batches",
+        ["batch", "name", "status", "images", "captions", "bad files", "accepted"],
+        [
+            (
+                r["batch_id"] or "-",
+                r["name"],
+                r["status"] if not r["reason"] else f"{r['status']}: {r['reason']}",
+                r["images"],
+                ",".join(r["caption_sources"]),
+                "; ".join(f"{b['file']}: {b['reason']}" for b in r["bad"]),
+                r["ts"],
+            )
+            for r in rows
+        ],
+    )
 
 
 @click.command()
@@ -74,8 +280,20 @@ def batches(config_path: Path, as_json: bool) -> None:
 @click.option("--reason", default="", help="Why (journaled).")
 def requeue(config_path: Path, batch_id: str, reason: str) -> None:
     """Put a batch that is out of the head's lineage back into the next run."""
-    load(config_path)
-    raise NotAvailableYet("requeue")
+    config = load(config_path)
+    with open_journal(config) as journal:
+        state = queries.batch_states(journal).get(batch_id)
+        if state is None:
+            raise UsageError(f"batch {batch_id!r}: no accepted batch has this id (see `batches`)")
+        if state.pending:
+            raise UsageError(f"batch {batch_id}: already pending; nothing to requeue")
+        if state.status.startswith("trained in"):
+            raise UsageError(
+                f"batch {batch_id}: {state.status}, in the head's lineage; only a batch out of "
+                "the lineage (after a rollback) or held can be requeued"
+            )
+        journal.append(ev.BatchRequeued(batch_id=batch_id, reason=reason))
+    click.echo(f"requeued {batch_id}: it joins the next run")
 
 
 @click.command()
@@ -86,9 +304,19 @@ def requeue(config_path: Path, batch_id: str, reason: str) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def export(config_path: Path, version_name: str, fmt: str, output: Path, force: bool) -> None:
-    """Write a version's adapter in kohya/WebUI or peft format."""
-    load(config_path)
-    raise NotAvailableYet("export")
+    """Write a version's adapter in kohya/WebUI or peft format.
+
+    kohya: the `.safetensors` file (into PATH when it is a folder); peft: the adapter folder as
+    PATH. The files are checked against the journal first; an existing PATH needs --force."""
+    from lora_service.versions import export_version
+
+    config = load(config_path)
+    with open_journal(config) as journal:
+        target = export_version(
+            journal, config, version_name, "peft" if fmt == "peft" else "kohya", output,
+            force=force,
+        )
+    click.echo(f"wrote {target}")
 
 
 COMMANDS = [versions, loss, audit, rollback, promote, batches, requeue, export]

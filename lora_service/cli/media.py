@@ -6,40 +6,89 @@ from pathlib import Path
 
 import click
 
-from lora_service.cli.common import config_option, load
-from lora_service.errors import NotAvailableYet
+from lora_service.cli.common import config_option, load, open_journal
 
 
 @click.command()
 @config_option
 @click.argument("version_name", metavar="V")
-@click.option("--prompt", required=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--prompt", required=True, help="The text prompt.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="PNG file to write (atomically).",
+)
 def sample(config_path: Path, version_name: str, prompt: str, seed: int, output: Path) -> None:
-    """Render one image with the base model plus version V's adapter."""
-    load(config_path)
-    raise NotAvailableYet("sample")
+    """Render one image with the base model plus version V's adapter.
+
+    Uses the `samples` settings (steps, guidance_scale, size, negative_prompt) and the thread
+    count V was trained with, so a prompt and seed from `samples.prompts`/`samples.seeds`
+    gives the same bytes as V's stored sample.
+    """
+    from lora_service.versions.samples import render_one, write_png
+
+    config = load(config_path)
+    journal = open_journal(config)
+    image = render_one(journal, config, version_name, prompt, seed)
+    write_png(output, image)
+    click.echo(f"wrote {output} ({version_name}, seed {seed}, {image.width}x{image.height})")
 
 
 @click.command()
 @config_option
 @click.argument("v1", required=False)
 @click.argument("v2", required=False)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PNG file to write [default: compare-V1-V2.png in the current folder].",
+)
 def compare(config_path: Path, v1: str | None, v2: str | None, output: Path | None) -> None:
-    """The A/B sheet: the same prompts and seeds for both versions side by side."""
-    load(config_path)
-    raise NotAvailableYet("compare")
+    """The A/B sheet: the same prompts and seeds for both versions side by side.
+
+    Two columns (V1, V2), each labelled with version, parent and validation loss, and one row
+    per prompt and seed of the `samples` section. V2 defaults to the head, V1 to V2's parent.
+    A version's stored samples are used when they match the settings and verify; otherwise
+    it is rendered.
+    """
+    from lora_service.versions.samples import compare_sheet, default_pair, write_png
+
+    config = load(config_path)
+    journal = open_journal(config)
+    v1, v2 = default_pair(journal, v1, v2)
+    target = output if output is not None else Path(f"compare-{v1}-{v2}.png")
+    image = compare_sheet(journal, config, v1, v2)
+    write_png(target, image)
+    click.echo(f"wrote {target} ({v1} | {v2}, {image.width}x{image.height})")
 
 
 @click.command()
 @config_option
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def label(config_path: Path, directory: Path) -> None:
-    """Write captions for a folder of images with open_clip."""
-    load(config_path)
-    raise NotAvailableYet("label")
+    """Write captions for a folder of images with open_clip.
+
+    Each image with no `<stem>.txt` (and no `metadata.csv` row) gets a sidecar with the
+    `labelling.top_k` best tags of `labelling.vocabulary`; existing captions are never
+    overwritten. Needs `labelling.weights`, a local open_clip weights file."""
+    from lora_service.labelling import label_folder, weights_path
+
+    config = load(config_path)
+    weights = weights_path(config)
+    from lora_service.labelling.clip import ClipLabeller
+
+    labeller = ClipLabeller(
+        config.labelling.model, weights, config.labelling.vocabulary, config.labelling.top_k,
+        config_dir=config_path.parent,
+    )
+    written = label_folder(directory, labeller, config.inbox.allowed_extensions)
+    for name, caption in sorted(written.items()):
+        click.echo(f"{name}: {caption if caption is not None else 'not readable, skipped'}")
+    click.echo(f"{sum(c is not None for c in written.values())} caption(s) written in {directory}")
 
 
 COMMANDS = [sample, compare, label]

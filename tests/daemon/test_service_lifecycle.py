@@ -61,7 +61,7 @@ def test_run_journals_start_and_stop_and_refuses_a_second_instance(
     assert daemon.returncode == 0, daemon.stderr.read() if daemon.stderr else ""
     with Journal.for_state(state) as journal:
         types = [e.type for e in journal.events()]
-    assert types == ["ServiceStarted", "ServiceStopped"]
+    assert types == ["ServiceStarted", "BaseModelRegistered", "ServiceStopped"]
     assert (state / "logs" / "train.log").read_text().count("service started") == 1
 
 

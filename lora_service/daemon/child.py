@@ -1,0 +1,106 @@
+"""The training child as the supervisor sees it: a fresh process, watched, never orphaned.
+
+Started with `subprocess` (never a bare fork: the supervisor has threads, and torch must be
+imported fresh in the child) in its own session, so a Ctrl-C on the terminal reaches only the
+supervisor, which forwards SIGTERM itself. The child asks the kernel to SIGKILL it when the
+supervisor dies (PR_SET_PDEATHSIG, see `lora_service.training.__main__`), so a SIGKILLed daemon
+leaves no orphan behind. stderr is forwarded to ours and its tail kept for `RunFailed`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from lora_service.config import Config
+
+PARENT_ENV = "LORA_SERVICE_PARENT_PID"
+TAIL_LINES = 40
+
+
+def child_argv(config: Config, *args: str) -> list[str]:
+    """`python -m lora_service.training ...`, or `accelerate launch` when num_processes > 1."""
+    assert config.source is not None, "a config loaded from a file"
+    module = ["-m", "lora_service.training", "--config", str(config.source), *args]
+    processes = config.train.num_processes
+    if processes > 1:
+        launch = ["-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+        return [sys.executable, *launch, *module]
+    return [sys.executable, *module]
+
+
+def child_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        PARENT_ENV: str(os.getpid()),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@dataclass
+class Child:
+    run_id: str
+    proc: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    _reader: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, config: Config, run_id: str) -> Child:
+        proc = subprocess.Popen(
+            child_argv(config, "--run", run_id, "--progress", "off"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            start_new_session=True,
+        )
+        child = cls(run_id, proc)
+        child._reader = threading.Thread(target=child._pump, name=f"child-{run_id}", daemon=True)
+        child._reader.start()
+        return child
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            self.tail.append(line)
+            sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stderr_tail(self) -> str:
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        return "".join(self.tail)[-4000:]
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM (the child checkpoints and exits), then SIGKILL after `timeout` seconds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def describe_exit(code: int) -> tuple[str, str | None]:
+    """A reason for RunFailed; SIGKILL is reported as a likely OOM kill (as gunicorn does)."""
+    if code >= 0:
+        return f"training child exited with status {code}", None
+    name = signal.Signals(-code).name
+    if name == "SIGKILL":
+        return "training child was killed by SIGKILL (perhaps out of memory)", name
+    return f"training child was killed by {name}", name

@@ -1,0 +1,165 @@
+"""Checkpoints: `state/runs/<run_id>/checkpoints/step-NNNNNN/` (NNNNNN = global step).
+
+A checkpoint folder holds
+- `adapter.safetensors`: the LoRA weights,
+- `optimizer.pt`, `scheduler.pt`: state dicts saved with `torch.save` and read back only with
+  `torch.load(weights_only=True)` (tensors and plain containers; nothing is unpickled),
+- `rng.safetensors`: the torch CPU RNG state,
+- `trainer_state.json`: run id, global and local step, epoch, the epoch's data order and the
+  position in it, threads, config digest, losses so far,
+- `manifest.json`: the sha256 of every other file, written last.
+
+It is written into `.step-NNNNNN.tmp-<pid>/`, every file fsynced, then renamed to its final name
+and the folder fsynced: a half-written checkpoint never has a `step-*` name, and one damaged later
+fails its manifest check, so `latest_valid` skips it and takes the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_service.store import fsync_dir, sha256_file
+
+PATTERN = re.compile(r"^step-(\d{6,})$")
+MANIFEST = "manifest.json"
+# tests only: kill this process half-way through writing the checkpoint of this global step
+CRASH_ENV = "LORA_SERVICE_TEST_CRASH_IN_CHECKPOINT"
+
+
+def checkpoints_dir(state_dir: Path, run_id: str) -> Path:
+    return state_dir / "runs" / run_id / "checkpoints"
+
+
+def folder_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.path / "trainer_state.json").read_text())
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "adapter.safetensors")
+
+    def torch_state(self, name: str) -> Any:
+        return torch.load(self.path / name, weights_only=True)
+
+    def rng(self) -> torch.Tensor:
+        return load_file(self.path / "rng.safetensors")["cpu"]
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def save(
+    state_dir: Path,
+    run_id: str,
+    step: int,
+    *,
+    adapter: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    trainer_state: dict[str, Any],
+) -> tuple[Path, dict[str, str]]:
+    """Write one checkpoint atomically; return its folder and {state-relative path: sha256}."""
+    root = checkpoints_dir(state_dir, run_id)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / folder_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(adapter, tmp / "adapter.safetensors", metadata={"step": str(step)})
+    torch.save(optimizer, tmp / "optimizer.pt")
+    if os.environ.get(CRASH_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)  # a power cut half-way through the write
+    torch.save(scheduler, tmp / "scheduler.pt")
+    save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True, indent=1))
+    hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps(hashes, sort_keys=True, indent=1))
+    for p in tmp.iterdir():
+        _fsync_file(p)
+    fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step from an attempt that died after rename
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    hashes[MANIFEST] = sha256_file(final / MANIFEST)
+    rel = final.relative_to(state_dir).as_posix()
+    return final, {f"{rel}/{name}": sha for name, sha in sorted(hashes.items())}
+
+
+def verify(path: Path) -> str | None:
+    """None when every file matches the manifest, else why not."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        return f"manifest unreadable ({exc.__class__.__name__})"
+    for name in ("adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors",
+                 "trainer_state.json"):
+        if name not in manifest:
+            return f"manifest lacks {name}"
+    for name, sha in manifest.items():
+        try:
+            if sha256_file(path / name) != sha:
+                return f"{name} does not match its sha256"
+        except OSError:
+            return f"{name} missing"
+    return None
+
+
+def all_checkpoints(state_dir: Path, run_id: str) -> list[Checkpoint]:
+    """Every `step-*` folder of the run, newest first (not yet verified)."""
+    root = checkpoints_dir(state_dir, run_id)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        match = PATTERN.match(p.name)
+        if match and p.is_dir():
+            found.append(Checkpoint(p, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def latest_valid(state_dir: Path, run_id: str) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint whose files verify, and why each newer one was skipped."""
+    skipped = []
+    for ckpt in all_checkpoints(state_dir, run_id):
+        problem = verify(ckpt.path)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append(f"{ckpt.path.name}: {problem}")
+    return None, skipped
+
+
+def clean_temporaries(state_dir: Path, run_id: str) -> None:
+    """Remove half-written checkpoint folders left by a process that died while writing."""
+    root = checkpoints_dir(state_dir, run_id)
+    if root.is_dir():
+        for p in root.glob(".step-*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prunable(state_dir: Path, run_id: str, keep: int) -> list[Checkpoint]:
+    """Checkpoints beyond the newest `keep` ones."""
+    return all_checkpoints(state_dir, run_id)[keep:]
+
+
+def files_of(state_dir: Path, ckpt: Checkpoint) -> list[str]:
+    return sorted(p.relative_to(state_dir).as_posix() for p in ckpt.path.iterdir() if p.is_file())

@@ -1,0 +1,198 @@
+"""Deciding what the next run trains: a pure read of the journal, no torch (the daemon imports it).
+
+`plan_run(journal, config)` returns the `RunStarted` event to append, or None when there is
+nothing new to train. The caller appends it (with its `TrainingRequested`, in one transaction)
+and then starts the training child on the run id.
+
+1. The parent is the head version, unless `fresh` or there is no head yet.
+2. New batches are the pending ones (never trained in the head's lineage, not out of the
+   lineage after a rollback unless requeued: `journal.queries.batch_states`). A fresh run starts
+   a new lineage from every batch the head's lineage knew plus the pending ones.
+3. An incremental run refuses a parent whose LoRA geometry or base model differs: loading
+   misaligned weights would silently train garbage.
+4. Rehearsal mixes `rehearsal_ratio` of the lineage's older training images back in, picked by
+   a hash of the seed and the image, so the same journal always plans the same run.
+5. Steps: images per epoch (validation images excluded, `split.validation_set`), batch size
+   and gradient accumulation give optimizer steps per epoch; x epochs, capped by max_steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from lora_service.config import Config
+from lora_service.errors import UsageError
+from lora_service.journal import Journal, queries
+from lora_service.journal.events import RunStarted
+from lora_service.training.split import rehearsal_key, validation_set
+
+GEOMETRY = ("rank", "alpha", "target_modules", "train_text_encoder")
+
+
+def batch_images(journal: Journal, batch_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """batch_id -> its image rows (file, sha256, caption, ...), in file order."""
+    out: dict[str, list[dict[str, Any]]] = {b: [] for b in batch_ids}
+    if not batch_ids:
+        return out
+    marks = ", ".join("?" for _ in batch_ids)
+    for row in journal.query(
+        f"SELECT * FROM batch_images WHERE batch_id IN ({marks}) ORDER BY batch_id, file",
+        batch_ids,
+    ):
+        out[row["batch_id"]].append(row)
+    return out
+
+
+def training_images(rows: list[dict[str, Any]], split: float) -> list[dict[str, Any]]:
+    held = validation_set((r["sha256"] for r in rows), split)
+    return [r for r in rows if r["sha256"] not in held]
+
+
+def steps_for(images: int, config: Config, epochs: int) -> int:
+    t = config.train
+    per_epoch = max(1, math.ceil(math.ceil(images / t.batch_size) / t.gradient_accumulation_steps))
+    total = per_epoch * epochs
+    return min(total, t.max_steps) if t.max_steps else total
+
+
+def lineage_batches(journal: Journal, versions: list[str]) -> list[str]:
+    if not versions:
+        return []
+    marks = ", ".join("?" for _ in versions)
+    rows = journal.query(
+        f"SELECT DISTINCT vb.batch_id FROM version_batches vb JOIN batches b"
+        f" ON b.batch_id = vb.batch_id WHERE vb.version IN ({marks}) ORDER BY b.accepted_seq",
+        versions,
+    )
+    return [r["batch_id"] for r in rows]
+
+
+def run_config(journal: Journal, version: str) -> dict[str, Any]:
+    rows = journal.query(
+        "SELECT r.config FROM versions v JOIN runs r ON r.run_id = v.run_id WHERE v.version = ?",
+        [version],
+    )
+    return json.loads(rows[0]["config"]) if rows and rows[0]["config"] else {}
+
+
+def check_geometry(journal: Journal, config: Config, head: str, base_sha256: str) -> None:
+    """Refuse to continue a lineage whose adapter would not fit (names the key and the fix)."""
+    fix = "use train-now --fresh to start a new lineage"
+    row = queries.version(journal, head)
+    if row and row["base_sha256"] and row["base_sha256"] != base_sha256:
+        raise UsageError(
+            f"base_model: sha256 {base_sha256[:12]} but head {head} was trained on base "
+            f"{row['base_sha256'][:12]} ({config.base_model}); {fix}"
+        )
+    old = run_config(journal, head).get("lora", {})
+    new = config.effective()["lora"]
+    for key in GEOMETRY:
+        if key in old and _norm(old[key]) != _norm(new[key]):
+            raise UsageError(
+                f"lora.{key} is {_show(new[key])} but head {head} was trained with "
+                f"{key} {_show(old[key])}; {fix}"
+            )
+
+
+def _norm(value: Any) -> Any:
+    return sorted(value) if isinstance(value, list | tuple) else value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def next_run_id(journal: Journal) -> str:
+    rows = journal.query("SELECT count(*) AS n FROM runs")
+    return f"r{rows[0]['n'] + 1:04d}"
+
+
+def plan_run(
+    journal: Journal,
+    config: Config,
+    *,
+    fresh: bool = False,
+    request_seq: int | None = None,
+    base_sha256: str | None = None,
+) -> RunStarted | None:
+    """The next run, or None when no pending batch has a training image.
+
+    `base_sha256` is the materialised base model's digest; when omitted, the registered base
+    model of the configured spec is used (the daemon registers it at start-up).
+    """
+    t = config.train
+    if base_sha256 is None:
+        base_sha256 = _registered_base(journal, config)
+    head = queries.head_version(journal)
+    lineage = queries.lineage(journal, head)
+    known = lineage_batches(journal, lineage)
+    pending = queries.pending_batches(journal)
+    parent = None if fresh else head
+    if parent is not None:
+        check_geometry(journal, config, parent, base_sha256)
+        new = pending
+    else:
+        new = list(dict.fromkeys([*(known if fresh else []), *pending]))
+    rows = batch_images(journal, new)
+    train_rows = {b: training_images(rows[b], t.validation_split) for b in new}
+    new = [b for b in new if train_rows[b]]
+    if not new:
+        return None
+    images = sum(len(train_rows[b]) for b in new)
+
+    rehearsal_images: list[str] = []
+    if parent is not None and t.rehearsal_ratio > 0:
+        old = batch_images(journal, known)
+        pool = [
+            (rehearsal_key(t.seed, r["sha256"]), f"{b}/{r['file']}")
+            for b in known
+            for r in training_images(old[b], t.validation_split)
+        ]
+        take = math.ceil(len(pool) * t.rehearsal_ratio)
+        rehearsal_images = sorted(name for _, name in sorted(pool)[:take])
+    rehearsal = sorted({name.split("/", 1)[0] for name in rehearsal_images})
+    images += len(rehearsal_images)
+
+    if parent is None:
+        lr, epochs, start_step = t.learning_rate, t.epochs, 0
+    else:
+        lr = t.learning_rate * t.incremental_lr_factor
+        epochs = min(t.epochs, t.incremental_epochs)
+        start_step = int(queries.version(journal, parent)["step"])  # type: ignore[index]
+    return RunStarted(
+        run_id=next_run_id(journal),
+        parent=parent,
+        fresh=fresh or parent is None,
+        batches=tuple(new),
+        rehearsal=tuple(rehearsal),
+        rehearsal_images=tuple(rehearsal_images),
+        images=images,
+        base_sha256=base_sha256,
+        start_step=start_step,
+        total_steps=steps_for(images, config, epochs),
+        request_seq=request_seq,
+        learning_rate=lr,
+        epochs=epochs,
+        seed=t.seed,
+        threads=t.threads,
+        config=config.effective(),
+    )
+
+
+def _registered_base(journal: Journal, config: Config) -> str:
+    rows = journal.query(
+        "SELECT sha256 FROM base_models WHERE spec = ? ORDER BY seq DESC LIMIT 1",
+        [config.base_model],
+    )
+    if not rows:
+        raise UsageError(
+            f"base_model: {config.base_model!r} is not registered yet; the daemon or train-now "
+            "registers it before planning"
+        )
+    return rows[0]["sha256"]

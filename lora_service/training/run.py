@@ -1,0 +1,428 @@
+"""One training run, start to version, as the training child executes it.
+
+`execute(config, run_id)`:
+1. Read the run's `RunStarted` from the journal: it fixes everything (batches, rehearsal images,
+   steps, lr, seed, threads, effective config). The child never re-plans.
+2. Materialise the base model and check its sha256 against the run's.
+3. Encode the training and validation images once (latents + text embeddings, cached).
+4. Build the trainer (LoRA, parent adapter when incremental), then look for the newest checkpoint
+   whose files verify: resume from it (`RunResumed`), or, when the run already has a folder but
+   no usable checkpoint, restart from the beginning (`RunResumed` with checkpoint None and why).
+5. Train; every `save_steps` and at the end write a checkpoint (`CheckpointSaved`, pruning beyond
+   `keep_checkpoints`); `LossLogged` every LOSS_EVERY steps and at the last.
+6. Validate (fixed noise per image), then publish the version through
+   `lora_service.versions.publish.publish_version`.
+
+SIGTERM/SIGINT set a flag; the loop checks it after each step, writes a checkpoint and returns
+`STOPPED` (exit 0): the run stays `running` in the journal and the next start resumes it.
+Any other failure is journaled `RunFailed` by `__main__` (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lora_service.torch_compat  # noqa: F401  (must precede peft/diffusers)
+
+# isort: split
+import torch
+
+from lora_service.config import Config
+from lora_service.errors import ServiceError
+from lora_service.journal import Journal, queries
+from lora_service.journal.events import CheckpointSaved, LossLogged, RunResumed, RunStarted
+from lora_service.journal.projections import canonical
+from lora_service.logs import get_logger
+from lora_service.store import sha256_bytes
+from lora_service.training import base_model, checkpoint
+from lora_service.training.data import EncodedData, Item
+from lora_service.training.plan import batch_images, lineage_batches
+from lora_service.training.split import validation_set
+from lora_service.training.trainer import Trainer
+
+LOSS_EVERY = 5
+log = get_logger("lora_service.training")
+# tests only: sleep this many seconds after each step, so a test can SIGKILL between steps
+STEP_DELAY_ENV = "LORA_SERVICE_TEST_STEP_DELAY"
+FINISHED, STOPPED = "finished", "stopped"
+
+
+@dataclass
+class Outcome:
+    status: str  # FINISHED or STOPPED
+    step: int
+    version: str | None = None
+    val: dict[str, Any] = field(default_factory=dict)
+
+
+class StopFlag:
+    """Signal handlers only set this; the loop acts on it between steps (gunicorn style)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+def find_run(journal: Journal, run_id: str) -> RunStarted:
+    for stored in journal.events(types=("RunStarted",)):
+        if stored.payload.get("run_id") == run_id:
+            return stored.event  # type: ignore[return-value]
+    raise ServiceError(f"run {run_id}: no RunStarted event in {journal.path}")
+
+
+def _items(journal: Journal, run: RunStarted, split: float) -> tuple[list[Item], list[Item]]:
+    """(training items, validation items) for the run, in a fixed order."""
+    parent_known = lineage_batches(journal, queries.lineage(journal, run.parent))
+    wanted = list(dict.fromkeys([*run.batches, *run.rehearsal, *parent_known]))
+    rows = batch_images(journal, wanted)
+    rehearsal = set(run.rehearsal_images)
+    train: list[Item] = []
+    val: list[Item] = []
+    for batch_id in wanted:
+        held = validation_set((r["sha256"] for r in rows[batch_id]), split)
+        for r in rows[batch_id]:
+            item = Item(batch_id, r["file"], r["sha256"], r["caption"])
+            if r["sha256"] in held:
+                val.append(item)
+            elif batch_id in run.batches or item.name in rehearsal:
+                train.append(item)
+    return train, val
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _val_losses(items: list[Item], losses: list[float], known: set[str]) -> dict[str, Any]:
+    per_batch: dict[str, list[float]] = {}
+    for item, loss in zip(items, losses, strict=True):
+        per_batch.setdefault(item.batch_id, []).append(loss)
+    return {
+        "val_loss": _mean(losses),
+        "val_loss_per_batch": {b: _mean(v) for b, v in per_batch.items()},
+        "val_loss_known": _mean([loss for i, loss in zip(items, losses, strict=True)
+                                 if i.batch_id in known]),
+    }
+
+
+class RunContext:
+    """Everything `execute` builds, kept together so tests and the bench can reuse it."""
+
+    def __init__(self, config: Config, journal: Journal, run: RunStarted) -> None:
+        self.config, self.journal, self.run = config, journal, run
+        self.state_dir = config.paths.state
+        cfg = run.config
+        self.lora_cfg, self.train_cfg = cfg["lora"], cfg["train"]
+        # the run's own recorded config decides, not whatever the file says today
+        self.run_config = Config.model_validate({**cfg, "paths": config.paths.model_dump()})
+        # digest of the run's recorded config (paths excluded: a moved state folder resumes)
+        recorded = {k: v for k, v in run.config.items() if k != "paths"}
+        self.config_digest = sha256_bytes(canonical(recorded).encode())
+        torch.set_num_threads(run.threads)
+        self.base = base_model.materialise(self.run_config.base_model, self.state_dir)
+        if self.base.sha256 != run.base_sha256:
+            raise ServiceError(
+                f"run {run.run_id}: base model {self.run_config.base_model} has sha256 "
+                f"{self.base.sha256[:12]}, the run was planned on {run.base_sha256[:12]}"
+            )
+        unet, vae, text_encoder, tokenizer, scheduler = base_model.load_pipeline_components(
+            self.base
+        )
+        t = self.run_config.train
+        train_items, val_items = _items(journal, run, t.validation_split)
+        train_text = self.run_config.lora.train_text_encoder
+        common = {
+            "state_dir": self.state_dir,
+            "base_sha256": self.base.sha256,
+            "resolution": t.resolution,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "cache_on_disk": t.cache_latents,
+            "encode_text": not train_text,
+        }
+        self.train_data = EncodedData(train_items, **common)
+        self.val_data = EncodedData(val_items, **common)
+        if not len(self.train_data):
+            raise ServiceError(f"run {run.run_id}: no training images")
+        self.parent_known = set(lineage_batches(journal, queries.lineage(journal, run.parent)))
+        self.trainer = Trainer(
+            self.run_config,
+            run,
+            self.train_data,
+            unet,
+            scheduler,
+            text_encoder=text_encoder if train_text else None,
+        )
+        if run.parent is not None:
+            self._load_parent()
+
+    def _load_parent(self) -> None:
+        from lora_service.versions.export import TEXT_ENCODER_DIR, load_peft_into
+
+        folder = self.state_dir / "versions" / self.run.parent / "adapter"  # type: ignore[operator]
+        if not folder.is_dir():
+            raise ServiceError(f"run {self.run.run_id}: parent adapter {folder} is missing")
+        load_peft_into(self.trainer.unet, folder)
+        if self.trainer.train_text:
+            load_peft_into(self.trainer.text_encoder, folder / TEXT_ENCODER_DIR)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict[str, Any]:
+        tr = self.trainer
+        micro = tr.local_step * tr.micro
+        epoch, pos = divmod(micro, tr.micro_per_epoch)
+        return {
+            "run_id": self.run.run_id,
+            "step": tr.global_step,
+            "local_step": tr.local_step,
+            "epoch": epoch,
+            "position": pos,
+            "data_order": tr.order(epoch),
+            "threads": torch.get_num_threads(),
+            "config_digest": self.config_digest,
+            "losses": tr.losses,
+        }
+
+    def save_checkpoint(self) -> CheckpointSaved | None:
+        """Write a checkpoint and journal it (main process only: the others wait)."""
+        tr = self.trainer
+        if not tr.accelerator.is_main_process:
+            tr.accelerator.wait_for_everyone()
+            return None
+        opt, sched = tr.raw_optimizer, tr.raw_scheduler
+        folder, files = checkpoint.save(
+            self.state_dir,
+            self.run.run_id,
+            tr.global_step,
+            adapter=tr.adapter_state(),
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            trainer_state=self.trainer_state(),
+        )
+        keep = self.run_config.train.keep_checkpoints
+        old = checkpoint.prunable(self.state_dir, self.run.run_id, keep)
+        released = tuple(f for c in old for f in checkpoint.files_of(self.state_dir, c))
+        event = CheckpointSaved(
+            run_id=self.run.run_id,
+            step=tr.global_step,
+            path=folder.relative_to(self.state_dir).as_posix(),
+            files=files,
+            released=released,
+        )
+        self.journal.append(event)
+        for c in old:  # only after the journal says they are released
+            shutil.rmtree(c.path, ignore_errors=True)
+        tr.accelerator.wait_for_everyone()
+        return event
+
+    def resume(self) -> None:
+        """Continue from the newest verified checkpoint, or note a restart from scratch."""
+        run_dir = self.state_dir / "runs" / self.run.run_id
+        checkpoint.clean_temporaries(self.state_dir, self.run.run_id)
+        ckpt, skipped = checkpoint.latest_valid(self.state_dir, self.run.run_id)
+        if ckpt is None:
+            if run_dir.exists() and self.trainer.accelerator.is_main_process:
+                why = "; ".join(skipped) or "no checkpoint was written before it stopped"
+                self.journal.append(RunResumed(
+                    run_id=self.run.run_id, from_step=self.run.start_step, checkpoint=None,
+                    reason=f"restarted from the beginning: {why}",
+                ))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return
+        state = ckpt.state()
+        if state["run_id"] != self.run.run_id:
+            raise ServiceError(f"{ckpt.path}: belongs to run {state['run_id']}")
+        if state["config_digest"] != self.config_digest:
+            raise ServiceError(f"{ckpt.path}: written with a different configuration")
+        tr = self.trainer
+        torch.set_num_threads(int(state["threads"]))
+        tr.load_adapter(ckpt.adapter())
+        tr.optimizer.load_state_dict(ckpt.torch_state("optimizer.pt"))
+        tr.lr_scheduler.load_state_dict(ckpt.torch_state("scheduler.pt"))
+        tr.local_step = int(state["local_step"])
+        tr.losses = [float(x) for x in state["losses"]]
+        torch.set_rng_state(ckpt.rng())  # after the adapter was built: building it draws
+        reason = "; ".join(f"skipped {s}" for s in skipped)
+        if not tr.accelerator.is_main_process:
+            return
+        self.journal.append(RunResumed(
+            run_id=self.run.run_id, from_step=ckpt.step,
+            checkpoint=ckpt.path.relative_to(self.state_dir).as_posix(), reason=reason,
+        ))
+
+
+def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = False,
+            stop: StopFlag | None = None) -> Outcome:
+    stop = stop if stop is not None else StopFlag()
+    run = find_run(journal, run_id)
+    ctx = RunContext(config, journal, run)
+    tr = ctx.trainer
+    # the parent's loss on what it knew, measured with the same fixed noise before training
+    parent_val = tr.validate(ctx.val_data) if run.parent is not None else None
+    ctx.resume()
+    tr.prepare()
+    t = ctx.run_config.train
+    main = tr.accelerator.is_main_process  # only it writes the journal, logs and versions
+    writer = _tensorboard(ctx) if main else None
+    bar = _progress_bar(run, tr.local_step) if progress and main else None
+    last_saved = tr.global_step if tr.local_step else None
+    end = run.start_step + run.total_steps
+    started, images = time.perf_counter(), 0
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
+    for step in tr.steps():
+        images += step.images
+        if delay:
+            time.sleep(delay)
+        if main and (step.step % LOSS_EVERY == 0 or step.step == end):
+            journal.append(LossLogged(run_id=run_id, step=step.step, loss=step.loss, lr=step.lr,
+                                      images_per_s=round(step.images_per_s, 2)))
+            log.info("step", run_id=run_id, step=step.step, loss=round(step.loss, 6),
+                     lr=step.lr, images_per_s=round(step.images_per_s, 2))
+        if writer is not None:
+            writer.add_scalar(f"{run_id}/loss", step.loss, step.step)
+            writer.add_scalar(f"{run_id}/lr", step.lr, step.step)
+            writer.add_scalar(f"{run_id}/images_per_s", step.images_per_s, step.step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}",
+                            img_s=f"{step.images_per_s:.1f}")
+        if (step.step - run.start_step) % t.save_steps == 0 or step.step == end:
+            ctx.save_checkpoint()
+            last_saved = step.step
+        if stop and step.step != end:
+            if last_saved != step.step:
+                ctx.save_checkpoint()
+            _log(f"run {run_id}: stopped by signal {stop.signal} at step {step.step}; "
+                 "checkpoint saved")
+            return Outcome(STOPPED, step.step)
+    if bar is not None:
+        bar.close()
+    if last_saved != tr.global_step:  # e.g. resumed from the final checkpoint: nothing to save
+        ctx.save_checkpoint()
+    elapsed = time.perf_counter() - started
+    if images:
+        _log(f"run {run_id}: {tr.local_step} steps, {images / max(elapsed, 1e-9):.1f} images/s")
+
+    losses = tr.validate(ctx.val_data)
+    val = _val_losses(ctx.val_data.items, losses, ctx.parent_known)
+    if parent_val is not None:
+        val["parent_val_loss_known"] = _val_losses(
+            ctx.val_data.items, parent_val, ctx.parent_known)["val_loss_known"]
+    else:
+        val["parent_val_loss_known"] = None
+    if writer is not None:
+        if val["val_loss"] is not None:
+            writer.add_scalar(f"{run_id}/val_loss", val["val_loss"], tr.global_step)
+        writer.close()
+    version = publish(ctx, val) if main else None
+    if version is not None and ctx.config.samples.enabled:
+        # samples never fail the run: render_samples journals its own errors
+        from lora_service.versions.samples import render_samples
+
+        unwrap = tr.accelerator.unwrap_model
+        render_samples(
+            journal, ctx.config, version,
+            unet=unwrap(tr.unet, keep_fp32_wrapper=False),
+            text_encoder=(unwrap(tr.text_encoder, keep_fp32_wrapper=False) if tr.train_text
+                          else ctx.train_data.text_encoder),
+            vae=ctx.train_data.vae, tokenizer=ctx.train_data.tokenizer,
+            scheduler=tr.noise_scheduler,
+        )
+    return Outcome(FINISHED, tr.global_step, version, val)
+
+
+def train_loss(losses: list[float], steps_per_epoch: int) -> float | None:
+    """Mean training loss over the run's last epoch of steps."""
+    tail = losses[-max(1, steps_per_epoch):]
+    return _mean(tail)
+
+
+def publish(ctx: RunContext, val: dict[str, Any]) -> str | None:
+    """Hand the trained adapter to the versions package (VersionCreated, gate, export)."""
+    try:
+        from lora_service.versions.publish import publish_version
+    except ImportError:
+        # TODO(issue 5): lora_service.versions.publish is not there yet: the run ends with its
+        # final checkpoint, which holds the adapter.
+        _log(f"run {ctx.run.run_id}: lora_service.versions.publish missing; no version made")
+        return None
+    tr = ctx.trainer
+    per_epoch = max(1, -(-tr.micro_per_epoch // tr.micro))
+    started = ctx.journal.query("SELECT started_at FROM runs WHERE run_id = ?", [ctx.run.run_id])
+    from lora_service.journal.sqlite import utc_now
+
+    return publish_version(
+        ctx.journal,
+        ctx.config,
+        run_id=ctx.run.run_id,
+        unet=tr.accelerator.unwrap_model(tr.unet),
+        text_encoder=tr.accelerator.unwrap_model(tr.text_encoder) if tr.train_text else None,
+        step=tr.global_step,
+        steps=ctx.run.total_steps,
+        epochs=ctx.run.epochs,
+        train_loss=train_loss(tr.losses, per_epoch),
+        images=len(ctx.train_data),
+        manifest=manifest(ctx.journal, ctx.train_data.items),
+        started_at=started[0]["started_at"] if started else utc_now(),
+        finished_at=utc_now(),
+        **val,
+    )
+
+
+def manifest(journal: Journal, items: list[Item]) -> dict[str, str]:
+    """Every image and caption file trained on (state-relative path -> sha256)."""
+    out: dict[str, str] = {}
+    for item in items:
+        out[f"batches/{item.batch_id}/{item.file}"] = item.sha256
+        stem = item.file.rsplit(".", 1)[0]
+        for row in journal.query(
+            "SELECT path, sha256 FROM files WHERE path = ? AND released = 0",
+            [f"batches/{item.batch_id}/{stem}.txt"],
+        ):
+            out[row["path"]] = row["sha256"]
+    return dict(sorted(out.items()))
+
+
+def _log(message: str) -> None:
+    log.info(message)
+
+
+def _progress_bar(run: RunStarted, done: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, initial=done, desc=f"run {run.run_id}", unit="step",
+                dynamic_ncols=True)
+
+
+def _tensorboard(ctx: RunContext) -> Any:
+    if not ctx.config.logging.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    folder = ctx.state_dir / "logs" / "tensorboard"
+    folder.mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(log_dir=str(folder), filename_suffix=f".{ctx.run.run_id}.{os.getpid()}")
+
+
+def summary(outcome: Outcome) -> str:
+    return json.dumps({"status": outcome.status, "step": outcome.step,
+                       "version": outcome.version, **outcome.val}, sort_keys=True)

@@ -1,0 +1,263 @@
+"""The training loop: plain and readable, every step a pure function of (seed, step).
+
+1. The UNet is frozen and peft LoRA layers are added to `lora.target_modules` (optionally the
+   text encoder's attention projections too). A fresh lineage seeds the LoRA init from the run's
+   seed; an incremental run loads its parent version's adapter instead.
+2. accelerate handles mixed precision and gradient accumulation (and, launched through
+   `accelerate launch`, several processes).
+3. The data order of epoch e is `randperm` from a generator seeded by (seed, e); the noise and
+   timesteps of micro-batch m are drawn from a generator seeded by (seed, global step, m). No step
+   depends on RNG state left behind by an earlier step, so a resumed run needs only the adapter,
+   optimizer, LR scheduler and step to continue bit-identically (the torch RNG state is saved
+   and restored anyway, after the adapter is built, for anything a library draws).
+4. Validation uses its own fixed generator per image and fixed timesteps, so the losses of
+   different versions on the same image are comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lora_service.torch_compat  # noqa: F401  (must precede peft/diffusers)
+
+# isort: split
+import torch
+import torch.nn.functional as F  # noqa: N812
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lora_service.config import Config
+from lora_service.errors import ServiceError
+from lora_service.journal.events import RunStarted
+from lora_service.training.data import EncodedData
+
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_PREFIX = "text_encoder."
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def pure_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts: the same parts give the same seed on every machine."""
+    blob = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(pure_seed(*parts))
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int  # global step after this optimizer step
+    loss: float  # mean over the step's micro-batches
+    lr: float
+    images: int  # images seen in this step
+    images_per_s: float
+
+
+class Trainer:
+    """One run's training state: LoRA-wrapped models, optimizer, LR schedule, position."""
+
+    def __init__(
+        self,
+        config: Config,
+        run: RunStarted,
+        data: EncodedData,
+        unet: Any,
+        noise_scheduler: Any,
+        *,
+        text_encoder: Any = None,
+        parent_adapter: Path | None = None,
+    ) -> None:
+        self.config, self.run, self.data = config, run, data
+        self.unet, self.text_encoder, self.noise_scheduler = unet, text_encoder, noise_scheduler
+        lora = config.lora
+        t = config.train
+        self.train_text = lora.train_text_encoder
+        self.micro = t.gradient_accumulation_steps
+        self.batch_size = t.batch_size
+
+        # 1. LoRA layers. Adding them draws random numbers (kaiming init of lora_A), so the
+        #    init is seeded from the run, and a resumed run restores the RNG only after this.
+        unet.requires_grad_(False)
+        if text_encoder is not None:
+            text_encoder.requires_grad_(False)
+        torch.manual_seed(pure_seed(run.seed, "lora-init"))
+        unet.add_adapter(
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                target_modules=list(lora.target_modules),
+                init_lora_weights="gaussian",
+            )
+        )
+        if self.train_text:
+            text_encoder.add_adapter(
+                LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    target_modules=list(TEXT_TARGETS),
+                    init_lora_weights="gaussian",
+                )
+            )
+        if parent_adapter is not None:
+            self.load_adapter(load_file(parent_adapter))
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        # 2. Optimizer and LR schedule over this run's steps only.
+        params = [p for p in unet.parameters() if p.requires_grad]
+        if self.train_text:
+            params += [p for p in text_encoder.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=run.learning_rate)
+        self.lr_scheduler = get_scheduler(
+            t.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=t.warmup_steps,
+            num_training_steps=run.total_steps,
+        )
+        self.accelerator = Accelerator(
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+        )
+        self.local_step = 0  # optimizer steps done in this run
+        self.losses: list[float] = []  # one per optimizer step, kept in checkpoints
+
+    # -- adapter ------------------------------------------------------------------------------
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights: UNet keys as peft gives them, text encoder keys prefixed."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        out = {k: v.detach().clone().contiguous() for k, v in
+               get_peft_model_state_dict(unet).items()}
+        if self.train_text:
+            te = self.accelerator.unwrap_model(self.text_encoder)
+            for k, v in get_peft_model_state_dict(te).items():
+                out[TEXT_PREFIX + k] = v.detach().clone().contiguous()
+        return out
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        unet_state = {k: v for k, v in state.items() if not k.startswith(TEXT_PREFIX)}
+        _load_into(self.unet, unet_state, "UNet")
+        if self.train_text:
+            te_state = {k[len(TEXT_PREFIX):]: v for k, v in state.items()
+                        if k.startswith(TEXT_PREFIX)}
+            _load_into(self.text_encoder, te_state, "text encoder")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        return self.run.start_step + self.local_step
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        """The data order of an epoch: a pure function of the seed and the epoch."""
+        n = len(self.data)
+        return torch.randperm(n, generator=generator(self.run.seed, "order", epoch)).tolist()
+
+    def position(self, micro: int) -> tuple[int, int, list[int]]:
+        """(epoch, index within the epoch, item indices) of the run's micro-batch number."""
+        epoch, pos = divmod(micro, self.micro_per_epoch)
+        order = self.order(epoch)
+        indices = order[pos * self.batch_size : (pos + 1) * self.batch_size]
+        # under `accelerate launch`, each process takes its share of the micro-batch
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        return epoch, pos, indices[rank::world] if world > 1 else indices
+
+    def prepare(self) -> None:
+        """Hand models and optimizer to accelerate (after any checkpoint was loaded)."""
+        self.raw_optimizer, self.raw_scheduler = self.optimizer, self.lr_scheduler
+        prepared = self.accelerator.prepare(self.unet, self.optimizer, self.lr_scheduler)
+        self.unet, self.optimizer, self.lr_scheduler = prepared
+        if self.train_text:
+            self.text_encoder = self.accelerator.prepare(self.text_encoder)
+
+    def _loss(self, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
+              timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=gen)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                generator=gen,
+            )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.train_text:
+            cond = self.text_encoder(cond)[0]
+        pred = self.unet(noisy, timesteps, cond).sample
+        return F.mse_loss(pred.float(), noise.float(), reduction="mean")
+
+    def steps(self) -> Iterator[Step]:
+        """Run the remaining optimizer steps, yielding after each one."""
+        self.unet.train()
+        while self.local_step < self.run.total_steps:
+            started = time.perf_counter()
+            losses, images = [], 0
+            for j in range(self.micro):
+                micro = self.local_step * self.micro + j
+                _epoch, _pos, indices = self.position(micro)
+                latents, cond = self.data.batch(indices)
+                # noise and timesteps: drawn from (seed, global step, micro-batch) alone
+                gen = generator(self.run.seed, "noise", self.global_step + 1, j,
+                                self.accelerator.process_index)
+                with self.accelerator.accumulate(self.unet):
+                    loss = self._loss(latents, cond, gen)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.params,
+                                                         self.config.train.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach().item())
+                images += len(indices)
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.local_step += 1
+            mean = sum(losses) / len(losses)
+            self.losses.append(mean)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            yield Step(self.global_step, mean, lr, images, images / elapsed)
+
+    def epoch(self) -> int:
+        return (self.local_step * self.micro) // self.micro_per_epoch
+
+    # -- validation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, data: EncodedData) -> list[float]:
+        """Loss per item with fixed noise per (image, timestep): comparable across versions."""
+        self.unet.eval()
+        out = []
+        for i, item in enumerate(data.items):
+            latents, cond = data.batch([i])
+            latents = latents.repeat(len(VALIDATION_TIMESTEPS), 1, 1, 1)
+            cond = cond.repeat(len(VALIDATION_TIMESTEPS), *([1] * (cond.dim() - 1)))
+            timesteps = torch.tensor(VALIDATION_TIMESTEPS, dtype=torch.long)
+            gen = generator("validation", item.sha256)
+            out.append(self._loss(latents, cond, gen, timesteps).item())
+        self.unet.train()
+        return out
+
+
+def _load_into(model: Any, state: dict[str, torch.Tensor], what: str) -> None:
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
+    if unexpected or missing:
+        raise ServiceError(
+            f"adapter does not fit the {what}: {len(unexpected)} unexpected keys "
+            f"(e.g. {unexpected[:1]}), {len(missing)} missing LoRA keys (e.g. {missing[:1]})"
+        )
