@@ -86,16 +86,21 @@ def atomic_copy(src: Path, dst: Path) -> str:
     return digest.hexdigest()
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder below `root`, before the rename that publishes it."""
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            with open(Path(folder) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(folder))
+
+
 def atomic_copy_tree(src: Path, dst: Path) -> None:
     """Copy a folder so that `dst` appears complete or not at all (rename of a sibling)."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    for root, _dirs, files in os.walk(tmp):
-        for name in files:
-            with open(Path(root) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(Path(root))
+    fsync_tree(tmp)
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
 

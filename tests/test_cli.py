@@ -95,3 +95,21 @@ def test_unbuilt_command_says_so_and_bad_usage_exits_2(write_config: Callable[..
     assert "Missing argument" in usage.stderr and "Traceback" not in usage.stderr
     unknown = lora("nonsense")
     assert unknown.returncode == 2 and "No such command" in unknown.stderr
+
+
+def test_status_shows_the_running_step_between_checkpoints(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = write_config()
+    with Journal.for_state(tmp_path / "state") as journal:
+        journal.append(
+            ev.RunStarted(run_id="r0001", parent=None, fresh=True, batches=("b",),
+                          base_sha256="x", start_step=0, total_steps=40, learning_rate=1e-4,
+                          epochs=1, seed=0, threads=1, config={"train": {"batch_size": 4}}),
+            ev.LossLogged(run_id="r0001", step=15, loss=0.5, lr=1e-4, images_per_s=10.0),
+        )
+    result = CliRunner().invoke(cli, ["status", "--json", "--config", str(config)],
+                                catch_exceptions=False)
+    running = json.loads(result.output)["running"]
+    assert running["step"] == 15 and running["progress"] == "15/40"
+    assert running["eta_seconds"] == 10.0  # 25 steps x 4 images at 10 images/s

@@ -267,7 +267,11 @@ def _(event: ev.CheckpointSaved, seq: int, ts: str) -> list[Change]:
 @_changes.register
 def _(event: ev.LossLogged, seq: int, ts: str) -> list[Change]:
     row = {"seq": seq, "run_id": event.run_id, "step": event.step, "loss": event.loss}
-    return [Upsert("loss_points", row | {"lr": event.lr, "images_per_s": event.images_per_s})]
+    return [
+        Upsert("loss_points", row | {"lr": event.lr, "images_per_s": event.images_per_s}),
+        # status shows progress between checkpoints
+        Update("runs", {"last_step": event.step}, {"run_id": event.run_id}),
+    ]
 
 
 @_changes.register

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lora_service.errors import UsageError
-from lora_service.store import fsync_dir, sha256_file
+from lora_service.store import fsync_dir, fsync_tree, sha256_file
 
 if TYPE_CHECKING:
     from lora_service.journal import Journal
@@ -134,21 +134,13 @@ def build_tiny_sd() -> Any:
     )
 
 
-def _fsync_tree(root: Path) -> None:
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            with open(Path(folder) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(Path(folder))
-
-
 def _write_builtin(target: Path) -> None:
     """Build into a temporary sibling and rename: the folder appears complete or not at all."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_sd().save_pretrained(tmp, safe_serialization=True)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     try:
         os.replace(tmp, target)
     except OSError:

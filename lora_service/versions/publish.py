@@ -38,7 +38,7 @@ from lora_service.journal import Journal
 from lora_service.journal.events import HeadMoved, VersionCreated, VersionExported, VersionHeld
 from lora_service.journal.sqlite import utc_now
 from lora_service.logs import get_logger
-from lora_service.store import atomic_copy, atomic_writer, fsync_dir, sha256_file
+from lora_service.store import atomic_copy, atomic_writer, fsync_dir, fsync_tree, sha256_file
 from lora_service.versions.gate import decide
 from lora_service.versions.verify import kohya_file, verify_version_files, version_dir
 
@@ -108,14 +108,6 @@ def _captions(journal: Journal, manifest: dict[str, str]) -> dict[str, list[str]
 
 
 # -- publishing ------------------------------------------------------------------------------
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            with open(Path(folder) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(Path(folder))
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> str:
@@ -256,7 +248,7 @@ def publish_version(
             "journal_hash": last["hash"] if last else "",
         }
         files[CARD] = _write_json(tmp / CARD, card)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
@@ -430,7 +422,7 @@ def _replace_tree(src: Path, dst: Path) -> None:
     old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if dst.exists() or dst.is_symlink():
         os.replace(dst, old)  # a folder cannot be renamed over a non-empty folder
     os.replace(tmp, dst)
