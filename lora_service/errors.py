@@ -14,9 +14,3 @@ class UsageError(ServiceError):
 
     exit_code = 2
 
-
-class NotAvailableYet(ServiceError):
-    """A command whose capability is not built yet says so plainly instead of faking output."""
-
-    def __init__(self, command: str) -> None:
-        super().__init__(f"{command}: not available yet in this version of lora-service")

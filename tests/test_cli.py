@@ -85,11 +85,12 @@ def test_status_json_fields(write_config: Callable[..., Path]) -> None:
     assert info["journal"]["seq"] == 0 and info["daemon"]["running"] is False
 
 
-def test_unbuilt_command_says_so_and_bad_usage_exits_2(write_config: Callable[..., Path]) -> None:
+def test_bad_usage_exits_2_in_one_line(write_config: Callable[..., Path], tmp_path: Path) -> None:
     config = str(write_config())
-    result = lora("sample", "v0001", "--prompt", "x", "-o", "x.png", "--config", config)
-    if result.returncode == 1:
-        assert "not available yet" in result.stderr
+    out = tmp_path / "x.png"
+    result = lora("sample", "v0009", "--prompt", "x", "-o", str(out), "--config", config)
+    assert result.returncode == 2 and "v0009" in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.exists()
     usage = lora("rollback", "--config", config)
     assert usage.returncode == 2
     assert "Missing argument" in usage.stderr and "Traceback" not in usage.stderr
