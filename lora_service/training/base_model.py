@@ -231,12 +231,12 @@ def load_pipeline_components(base: BaseModel) -> tuple[Any, Any, Any, Any, Any]:
     if base.kind == "single_file":
         return _load_single_file(base.path)
     root = str(base.path)
-    kw: dict[str, Any] = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw)
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
+    # local_files_only=True everywhere: nothing may reach a hub
+    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True)  # noqa: E501
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
@@ -255,7 +255,7 @@ def _load_single_file(path: Path) -> tuple[Any, Any, Any, Any, Any]:
     unet = UNet2DConditionModel.from_single_file(str(path), subfolder="unet", **kw)
     vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", **kw)
     checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
-    text_config = CLIPTextConfig.from_pretrained(cfg, subfolder="text_encoder")
+    text_config = CLIPTextConfig.from_pretrained(cfg, subfolder="text_encoder", local_files_only=True)  # noqa: E501
     text_encoder = CLIPTextModel(text_config)
     state = convert_ldm_clip_checkpoint(checkpoint)
     result = text_encoder.load_state_dict(state, strict=False)
@@ -265,5 +265,5 @@ def _load_single_file(path: Path) -> tuple[Any, Any, Any, Any, Any]:
             f"base_model: {path} is not an SD 1.x checkpoint (text encoder keys missing, e.g. "
             f"{missing[0]})"
         )
-    scheduler = DDPMScheduler.from_pretrained(cfg, subfolder="scheduler")
+    scheduler = DDPMScheduler.from_pretrained(cfg, subfolder="scheduler", local_files_only=True)
     return unet, vae, text_encoder.eval(), clip_tokenizer(), scheduler

@@ -12,7 +12,7 @@ Two formats, both safetensors:
   - `adapter_config.json`: the `LoraConfig` (`r`, `lora_alpha`, `target_modules`, …), sorted
     JSON, readable by `LoraConfig.from_pretrained`;
   - `text_encoder/` with the same two files when the text encoder was trained.
-  `peft.PeftModel.from_pretrained(unet, folder)` reads it as well as `load_peft_into`.
+  peft's `PeftModel` loader reads it as well as `load_peft_into` does.
 - **kohya/WebUI** (`to_kohya`/`write_kohya`): `lora_unet_<module>.lora_down.weight`,
   `.lora_up.weight` and `.alpha` (`lora_te1_…` for the text encoder), from diffusers'
   `convert_state_dict_to_kohya`, plus `ss_*` metadata (`ss_metadata`) that AUTOMATIC1111,
