@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lora_service.journal import Journal
 from lora_service.training.base_model import clip_vocab, materialise, register
 
@@ -77,3 +79,24 @@ def test_register_base_child_mode(tmp_path: Path, base_cache: Path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "missing.safetensors" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_local_diffusers_folder_is_used_in_place(tmp_path: Path, base_cache: Path):
+    """A user's own diffusers folder: same identity as the same weights, loaded offline."""
+    import shutil
+
+    from lora_service.errors import UsageError
+    from lora_service.training.base_model import load_pipeline_components
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(base_cache / "tiny-sd", folder)
+    builtin = materialise("builtin:tiny-sd", tmp_path / "state-a")
+    mine = materialise(str(folder), tmp_path / "state-b")
+    assert mine.kind == "diffusers" and mine.path == folder
+    assert mine.sha256 == builtin.sha256  # identity is the weights, not where they live
+    assert not (tmp_path / "state-b" / "base").exists()  # used in place, not copied
+    unet, vae, text_encoder, tokenizer, scheduler = load_pipeline_components(mine)
+    assert unet.config.cross_attention_dim == 32 and tokenizer("a cat").input_ids[0] == 49406
+    (folder / "model_index.json").unlink()
+    with pytest.raises(UsageError, match="is not a diffusers folder"):
+        materialise(str(folder), tmp_path / "state-b")
