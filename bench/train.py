@@ -91,6 +91,17 @@ def _lora_unet(unet, config):
     return params, torch.optim.AdamW(params, lr=1e-4)
 
 
+def _step(unet, sched, opt, params, lat, cond) -> None:
+    """One reference step: noise, predict, MSE, clip, optimizer (what both loops share)."""
+    noise = torch.randn_like(lat)
+    t = torch.randint(0, 1000, (lat.shape[0],))
+    pred = unet(sched.add_noise(lat, noise, t), t, cond).sample
+    F.mse_loss(pred, noise).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def time_bare(config, base, steps: int, ctx: RunContext) -> float:
     unet, _vae, _te, _tok, sched = base_model.load_pipeline_components(base)
     params, opt = _lora_unet(unet, config)
@@ -101,14 +112,7 @@ def time_bare(config, base, steps: int, ctx: RunContext) -> float:
     start = time.perf_counter()
     for i in range(steps):
         idx = [(i * bs + k) % n for k in range(bs)]
-        lat, cond = latents[idx], text[idx]
-        noise = torch.randn_like(lat)
-        t = torch.randint(0, 1000, (bs,))
-        pred = unet(sched.add_noise(lat, noise, t), t, cond).sample
-        F.mse_loss(pred, noise).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(unet, sched, opt, params, latents[idx], text[idx])
     return time.perf_counter() - start
 
 
@@ -129,13 +133,7 @@ def time_example(config, base, steps: int, ctx: RunContext) -> float:
         with torch.no_grad():
             lat = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             cond = te(ids)[0]
-        noise = torch.randn_like(lat)
-        t = torch.randint(0, 1000, (bs,))
-        pred = unet(sched.add_noise(lat, noise, t), t, cond).sample
-        F.mse_loss(pred, noise).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(unet, sched, opt, params, lat, cond)
     return time.perf_counter() - start
 
 

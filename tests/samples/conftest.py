@@ -17,9 +17,8 @@ import pytest
 
 from lora_service.config import Config, load_config
 from lora_service.journal import Journal
-from lora_service.journal.events import BatchAccepted, RunStarted
 from tests.training.conftest import write_tiny_config
-from tests.versions.conftest import IMAGES, MANIFEST, UNET_TARGETS, add_lora
+from tests.versions.conftest import UNET_TARGETS, _publish_kwargs, _start_run, add_lora
 
 SAMPLES = {
     "enabled": True,
@@ -52,40 +51,10 @@ def publish(
 ) -> str:
     from lora_service.versions.publish import publish_version
 
-    journal.append(
-        RunStarted(
-            run_id=run_id,
-            parent=parent,
-            fresh=parent is None,
-            batches=("batch1",),
-            base_sha256=base_sha256,
-            start_step=start_step,
-            total_steps=4,
-            learning_rate=1e-4,
-            epochs=2,
-            seed=7,
-            threads=1,
-            config=config.effective(),
-        )
-    )
-    return publish_version(
-        journal,
-        config,
-        run_id=run_id,
-        unet=unet,
-        step=start_step + 4,
-        steps=4,
-        epochs=2,
-        train_loss=0.5,
-        val_loss=val_loss,
-        val_loss_per_batch={"batch1": val_loss},
-        val_loss_known=None,
-        parent_val_loss_known=None,
-        images=2,
-        manifest=MANIFEST,
-        started_at="2025-01-01T00:00:00.000000Z",
-        finished_at="2025-01-01T00:00:05.000000Z",
-    )
+    _start_run(journal, config, run_id, parent, start_step, base_sha256=base_sha256)
+    kwargs = _publish_kwargs(step=start_step + 4, val_loss=val_loss,
+                             val_loss_per_batch={"batch1": val_loss})
+    return publish_version(journal, config, run_id=run_id, unet=unet, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +66,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     config = write_tiny_config(root, {"promote": "always"}, samples=SAMPLES)
     base = materialise(config.base_model, config.paths.state)
     journal = Journal.for_state(config.paths.state)
-    journal.append(
-        BatchAccepted(name="cats", batch_id="batch1", images=IMAGES, moved_to=".accepted/cats")
-    )
     unets, pipes = {}, {}
     for n, (parent, seed, loss) in enumerate(((None, 1, 0.4), ("v0001", 2, 0.35))):
         pipe = build_tiny_sd()

@@ -68,7 +68,12 @@ IMAGES = (
 
 
 def _start_run(
-    journal: Journal, config: Config, run_id: str, parent: str | None, start_step: int = 0
+    journal: Journal,
+    config: Config,
+    run_id: str,
+    parent: str | None,
+    start_step: int = 0,
+    base_sha256: str = "f" * 64,
 ) -> None:
     """Journal the batch (once) and a `RunStarted`, as the trainer's planner would."""
     if not journal.query("SELECT 1 AS x FROM batches WHERE batch_id = 'batch1'"):
@@ -81,7 +86,7 @@ def _start_run(
             parent=parent,
             fresh=parent is None,
             batches=("batch1",),
-            base_sha256="f" * 64,
+            base_sha256=base_sha256,
             start_step=start_step,
             total_steps=4,
             learning_rate=config.train.learning_rate,
