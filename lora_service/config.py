@@ -197,10 +197,6 @@ class Config(Section):
 
     source: Path | None = Field(default=None, exclude=True, description="the file it came from")
 
-    @property
-    def state_dir(self) -> Path:
-        return self.paths.state
-
     def effective(self) -> dict[str, Any]:
         """The whole configuration as plain JSON, defaults included: what a run records."""
         return self.model_dump(mode="json", by_alias=True)

@@ -11,10 +11,9 @@ import errno
 import fcntl
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,18 +54,10 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with suppress_missing():
+        with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
-
-
-@contextmanager
-def suppress_missing() -> Iterator[None]:
-    try:
-        yield
-    except FileNotFoundError:
-        pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> str:
@@ -93,16 +84,6 @@ def fsync_tree(root: Path) -> None:
             with open(Path(folder) / name, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(Path(folder))
-
-
-def atomic_copy_tree(src: Path, dst: Path) -> None:
-    """Copy a folder so that `dst` appears complete or not at all (rename of a sibling)."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    fsync_tree(tmp)
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
 
 
 class StateLock:
