@@ -9,6 +9,7 @@ leaves no orphan behind. stderr is forwarded to ours and its tail kept for `RunF
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,9 +31,34 @@ def child_argv(config: Config, *args: str) -> list[str]:
     module = ["-m", "lora_service.training", "--config", str(config.source), *args]
     processes = config.train.num_processes
     if processes > 1:
-        launch = ["-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+        # --multi_gpu starts one process per GPU; without CUDA the trainer asks accelerate
+        # for CPU processes (gloo), so the same command works on a laptop
+        launch = ["-m", "lora_service.training.launch", "--multi_gpu",
+                  "--num_processes", str(processes), "--num_machines", "1",
+                  "--mixed_precision", config.train.mixed_precision, "--dynamo_backend", "no"]
         return [sys.executable, *launch, *module]
     return [sys.executable, *module]
+
+
+def ask_to_stop(proc: subprocess.Popen[bytes], launcher: bool) -> None:
+    """SIGTERM the training child: it checkpoints and exits 0. Under `accelerate launch` the
+    workers get it instead (torchrun starts each in its own session): they agree on a step,
+    checkpoint and exit 0, and the launcher then exits 0 too, where SIGTERMing the launcher
+    would make it exit 1 and the stop would read as a failure."""
+    targets = _children(proc.pid) if launcher else []
+    for pid in targets or [proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of pid (Linux /proc; empty elsewhere or once it is gone)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(x) for x in fh.read().split()]
+    return out
 
 
 def child_env() -> dict[str, str]:
@@ -51,6 +77,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    launcher: bool = False  # `accelerate launch` with workers below it
     _reader: threading.Thread | None = None
 
     @classmethod
@@ -63,7 +90,7 @@ class Child:
             env=child_env(),
             start_new_session=True,
         )
-        child = cls(run_id, proc)
+        child = cls(run_id, proc, launcher=config.train.num_processes > 1)
         child._reader = threading.Thread(target=child._pump, name=f"child-{run_id}", daemon=True)
         child._reader.start()
         return child
@@ -87,7 +114,7 @@ class Child:
     def terminate(self, timeout: float) -> int:
         """SIGTERM (the child checkpoints and exits), then SIGKILL after `timeout` seconds."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            ask_to_stop(self.proc, self.launcher)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

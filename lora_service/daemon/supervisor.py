@@ -162,6 +162,10 @@ class Supervisor:
             log.info("training child finished", run_id=child.run_id)
             return
         run = journal.query("SELECT status FROM runs WHERE run_id = ?", [child.run_id])
+        if run and run[0]["status"] == "finished":  # the journal has its version: no failure
+            log.warning("training child exited after its run finished", run_id=child.run_id,
+                        reason=describe_exit(code)[0])
+            return
         journaled = journal.query(
             "SELECT max(seq) AS seq FROM events WHERE type = 'RunFailed' AND seq > ?"
             " AND json_extract(payload, '$.run_id') = ?",

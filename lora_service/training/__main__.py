@@ -79,14 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         tail = "" if expected else traceback.format_exc()[-4000:]
         try:
-            journal.append(RunFailed(run_id=args.run_id, reason=reason or type(exc).__name__,
-                                     stderr_tail=tail))
+            if os.environ.get("RANK", "0") == "0":  # one RunFailed, not one per process
+                journal.append(RunFailed(run_id=args.run_id,
+                                         reason=reason or type(exc).__name__, stderr_tail=tail))
         finally:
             print(f"error: run {args.run_id} failed: {reason}", file=sys.stderr)
             if tail:
                 print(tail, file=sys.stderr)
         return 1
-    print(summary(outcome), flush=True)
+    # the run is over: a stop asked for now must not kill the interpreter's slow teardown,
+    # or the exit status would say "killed by SIGTERM" about a run that finished
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if os.environ.get("RANK", "0") == "0":
+        print(summary(outcome), flush=True)
     return 0
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from lora_service.config import Config
-from lora_service.daemon.child import child_argv, child_env
+from lora_service.daemon.child import ask_to_stop, child_argv, child_env
 from lora_service.journal import Journal
 from lora_service.journal.events import TrainingRequested
 from lora_service.store import StateLock
@@ -47,10 +47,13 @@ def train_now(config: Config, fresh: bool = False) -> int:
               f"{run.total_steps} steps from step {run.start_step}"
               + (f", parent {run.parent}" if run.parent else ", fresh adapter"),
               file=sys.stderr, flush=True)
-        # Ctrl-C reaches the child too (same process group): it checkpoints and exits 0, so
-        # this process just waits for it instead of dying first
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # the child runs in its own session; Ctrl-C here asks it to stop (it checkpoints and
+        # exits 0) and this process waits for it instead of dying first
+        proc = subprocess.Popen(child_argv(config, "--run", run.run_id), env=child_env(),
+                                start_new_session=True)
+        launcher = config.train.num_processes > 1
+        previous = signal.signal(signal.SIGINT, lambda *_: ask_to_stop(proc, launcher))
         try:
-            return subprocess.call(child_argv(config, "--run", run.run_id), env=child_env())
+            return proc.wait()
         finally:
             signal.signal(signal.SIGINT, previous)

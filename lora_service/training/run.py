@@ -306,11 +306,13 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
         if (step.step - run.start_step) % t.save_steps == 0 or step.step == end:
             ctx.save_checkpoint()
             last_saved = step.step
-        if stop and step.step != end:
+        if stop:  # each process gets the signal at its own moment: agree on the step
+            tr.accelerator.set_trigger()
+        if tr.accelerator.check_trigger() and step.step != end:
             if last_saved != step.step:
                 ctx.save_checkpoint()
-            _log(f"run {run_id}: stopped by signal {stop.signal} at step {step.step}; "
-                 "checkpoint saved")
+            by = stop.signal or "sent to another process"
+            _log(f"run {run_id}: stopped by signal {by} at step {step.step}; checkpoint saved")
             return Outcome(STOPPED, step.step)
     if bar is not None:
         bar.close()

@@ -126,7 +126,9 @@ class Trainer:
             num_warmup_steps=t.warmup_steps,
             num_training_steps=run.total_steps,
         )
+        # without CUDA, `accelerate launch --multi_gpu` gives several CPU processes (gloo)
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
         )
@@ -169,14 +171,10 @@ class Trainer:
         n = len(self.data)
         return torch.randperm(n, generator=generator(self.run.seed, "order", epoch)).tolist()
 
-    def position(self, micro: int) -> tuple[int, int, list[int]]:
-        """(epoch, index within the epoch, item indices) of the run's micro-batch number."""
+    def micro_batch(self, micro: int) -> list[int]:
+        """Item indices of the run's micro-batch number, all processes together."""
         epoch, pos = divmod(micro, self.micro_per_epoch)
-        order = self.order(epoch)
-        indices = order[pos * self.batch_size : (pos + 1) * self.batch_size]
-        # under `accelerate launch`, each process takes its share of the micro-batch
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        return epoch, pos, indices[rank::world] if world > 1 else indices
+        return self.order(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
 
     def prepare(self) -> None:
         """Hand models and optimizer to accelerate (after any checkpoint was loaded)."""
@@ -188,12 +186,16 @@ class Trainer:
 
     def _loss(self, latents: torch.Tensor, cond: torch.Tensor, gen: torch.Generator,
               timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        # drawn on the CPU whatever the device, so noise is the same on every machine
         noise = torch.randn(latents.shape, generator=gen)
         if timesteps is None:
             timesteps = torch.randint(
                 0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                 generator=gen,
             )
+        device = self.params[0].device  # before `prepare` (parent validation) still the CPU
+        latents, cond, noise = latents.to(device), cond.to(device), noise.to(device)
+        timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.train_text:
             cond = self.text_encoder(cond)[0]
@@ -208,8 +210,12 @@ class Trainer:
             losses, images = [], 0
             for j in range(self.micro):
                 micro = self.local_step * self.micro + j
-                _epoch, _pos, indices = self.position(micro)
-                latents, cond = self.data.batch(indices)
+                indices = self.micro_batch(micro)
+                # under `accelerate launch`, each process takes its share of the micro-batch
+                # (one item at least: every process must step, so a short tail repeats one)
+                world, rank = self.accelerator.num_processes, self.accelerator.process_index
+                mine = indices[rank::world] or [indices[rank % len(indices)]]
+                latents, cond = self.data.batch(mine)
                 # noise and timesteps: drawn from (seed, global step, micro-batch) alone
                 gen = generator(self.run.seed, "noise", self.global_step + 1, j,
                                 self.accelerator.process_index)
@@ -222,7 +228,7 @@ class Trainer:
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().item())
+                losses.append(self.accelerator.reduce(loss.detach(), "mean").item())
                 images += len(indices)
             lr = self.lr_scheduler.get_last_lr()[0]
             self.local_step += 1

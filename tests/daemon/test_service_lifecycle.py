@@ -11,7 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lora_service.config import Config
+from lora_service.daemon.child import Child
+from lora_service.daemon.supervisor import Supervisor
 from lora_service.journal import Journal
+from lora_service.journal import events as ev
 
 TIMEOUT = 60
 
@@ -99,3 +103,29 @@ def test_the_supervisor_never_imports_torch(write_config: Callable[..., Path]) -
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_child_killed_after_its_version_exists_is_not_a_failure(config: Config) -> None:
+    """A stop can land in the child's slow teardown after VersionCreated: the journal, not the
+    exit status, says whether the run failed (else a finished run would be trained again)."""
+    base = "0" * 64
+    started = dict(parent=None, fresh=True, batches=("b",), base_sha256=base, start_step=0,
+                   total_steps=4, learning_rate=1e-4, epochs=1, seed=0, threads=1, config={})
+    with Journal.for_state(config.paths.state) as journal:
+        journal.append(
+            ev.RunStarted(run_id="r0001", **started),
+            ev.VersionCreated(version="v0001", run_id="r0001", parent=None, batches=("b",),
+                              new_batches=("b",), images=4, step=4, steps=4, train_loss=None,
+                              val_loss=None, base_sha256=base),
+            ev.RunStarted(run_id="r0002", **started),
+        )
+        supervisor = Supervisor(config)
+        for run_id in ("r0001", "r0002"):
+            killed = subprocess.Popen([sys.executable, "-c",
+                                       "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+            supervisor.child = Child(run_id, killed)
+            supervisor._reap(journal, killed.wait())
+        failed = [e.payload["run_id"] for e in journal.events(types=("RunFailed",))]
+        assert failed == ["r0002"]
+        status = {r["run_id"]: r["status"] for r in journal.query("SELECT * FROM runs")}
+        assert status == {"r0001": "finished", "r0002": "failed"}

@@ -1,0 +1,16 @@
+"""`accelerate launch`, started by the daemon when `train.num_processes` > 1.
+
+The same launcher as `python -m accelerate.commands.launch`, with the training child's guard
+first: it asks the kernel to SIGKILL it when the daemon dies, and its workers (training
+children) die with it in turn, so a SIGKILLed daemon leaves no run training behind it.
+"""
+
+from __future__ import annotations
+
+from lora_service.training.__main__ import die_with_parent
+
+if __name__ == "__main__":
+    die_with_parent()
+    from accelerate.commands.launch import main
+
+    main()
