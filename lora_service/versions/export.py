@@ -255,7 +255,8 @@ def ss_metadata(
     - `ss_steps` is the *global* step, counted across the lineage (the parent's steps plus this
       run's); `ss_max_train_steps` is this run's steps, `ss_epoch` this run's epochs.
     - `ss_sd_model_hash` / `ss_new_sd_model_hash`: our base model identity, a sha256 over its
-      weight files (the first 10 hex / the whole), not kohya's hash of one checkpoint file.
+      weight files (the first 10 hex / the whole); for a single-file base that is the file's
+      sha256, which is kohya's `ss_new_sd_model_hash` too.
     - `ss_tag_frequency` / `ss_dataset_dirs` are keyed by batch (our dataset folders).
     `lora_service_*` keys are ours: version, parent and the parent's kohya file sha256, the
     sha256 manifest of every image and caption trained on, the journal position and hash when
