@@ -1,9 +1,11 @@
 """The supervisor: holds the lock, journals its life, runs intake, schedule and training child.
 
-Signal handlers only set a flag and wake the loop (as gunicorn's arbiter does); all work happens
-in the loop, in this order each tick: watchdog ping, intake scan, reap a finished child, start
-the next child (an interrupted run first, then a retry, then a requested run), write the status
-file. This process never imports torch: training, and building the base model, run in children.
+Signal handlers only set a flag and wake the loop (as gunicorn's arbiter does); the loop does,
+each tick: watchdog ping, reap a finished child, start the next child (an interrupted run first,
+then a retry, then a requested run), write the status file. Intake runs in a thread of its own
+with its own journal connection (SQLite serialises the two writers), so checking and copying a
+batch of thousands of images never holds back the watchdog ping, a reap or a stop. This process
+never imports torch: training, and building the base model, run in children.
 
 Start-up is a replay: the projections already say which run was interrupted (status `running`
 with no child alive, since the lock proves no other daemon exists), so it is resumed before
@@ -57,6 +59,8 @@ class Supervisor:
         self.request_cursor = 0  # TrainingRequested events up to here are handled
         self.triggered_for: frozenset[str] = frozenset()  # pending set of the last auto request
         self.problem: str | None = None
+        self.inbox_changed = threading.Event()
+        self.intake_error: BaseException | None = None
         self.timetable = Timetable(config.schedule, self.wake)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -89,9 +93,9 @@ class Supervisor:
         )
         log.info("service started", state=str(self.state_dir), inbox=str(self.config.paths.inbox))
         self._register_base(journal)
-        intake = Intake(journal, self.config, labeller=make_labeller(self.config))
-        intake.scan()
-        watcher = InboxWatcher(self.config.paths.inbox, self.wake.set).start()
+        intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
+        intake.start()
+        watcher = InboxWatcher(self.config.paths.inbox, self.inbox_changed.set).start()
         self.timetable.start()
         systemd.notify("READY=1")
         watchdog = systemd.watchdog_interval()
@@ -102,7 +106,9 @@ class Supervisor:
                 if watchdog and now - last_ping >= watchdog:
                     systemd.notify("WATCHDOG=1")
                     last_ping = now
-                self._tick(journal, intake)
+                if self.intake_error is not None:
+                    raise self.intake_error
+                self._tick(journal)
                 self.wake.wait(min(TICK_S, watchdog or TICK_S))
                 self.wake.clear()
         finally:
@@ -113,13 +119,28 @@ class Supervisor:
                 self._reap(journal, code)
             watcher.stop()
             self.timetable.stop()
+            self.inbox_changed.set()
+            intake.join(STOP_TIMEOUT_S)  # a batch cut short is finished at the next start
         journal.append(ev.ServiceStopped(pid=os.getpid(), reason=self.stopping or "error"))
         log.info("service stopped", reason=self.stopping)
         return 0
 
-    def _tick(self, journal: Journal, intake: Intake) -> None:
-        for outcome in intake.scan():
-            log.info("batch", name=outcome.name, outcome=outcome.kind)
+    def _intake_loop(self) -> None:
+        """Scan the inbox at start, on every change and each tick (settling needs a clock)."""
+        try:
+            with Journal.for_state(self.state_dir) as journal:
+                intake = Intake(journal, self.config, labeller=make_labeller(self.config))
+                while self.stopping is None:
+                    for outcome in intake.scan():
+                        log.info("batch", name=outcome.name, outcome=outcome.kind)
+                        self.wake.set()  # an arrival may start a run
+                    self.inbox_changed.wait(TICK_S)
+                    self.inbox_changed.clear()
+        except BaseException as exc:  # noqa: BLE001  (handed to the main loop, which fails)
+            self.intake_error = exc
+            self.wake.set()
+
+    def _tick(self, journal: Journal) -> None:
         if self.child is not None:
             code = self.child.poll()
             if code is not None:

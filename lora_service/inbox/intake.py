@@ -82,6 +82,7 @@ FINAL = ("accepted", "rejected", "duplicate")
 CLOCK_SLACK_S = 1.0
 # Fault injection for the crash tests: SIGKILL ourselves at a named point of the flow.
 CRASH_ENV = "LORA_SERVICE_INTAKE_CRASH_AT"
+DELAY_ENV = "LORA_SERVICE_TEST_INTAKE_DELAY"  # tests only: seconds a batch takes at least
 
 Labeller = Callable[[list[Path]], dict[str, str]]
 """Captions for images that have none: called with the stored copies' paths, returns
@@ -332,6 +333,7 @@ class Intake:
         if folder.is_symlink():
             return self._reject(name, folder, "the batch folder is a symlink (not followed)",
                                 _Verdict(), report=False)
+        time.sleep(float(os.environ.get(DELAY_ENV) or 0))
         self.store.mkdir(parents=True, exist_ok=True)
         tmp = self.store / f".incoming-{uuid.uuid4().hex}"
         tmp.mkdir()

@@ -235,16 +235,19 @@ class RunContext:
     def resume(self) -> None:
         """Continue from the newest verified checkpoint, or note a restart from scratch."""
         run_dir = self.state_dir / "runs" / self.run.run_id
-        checkpoint.clean_temporaries(self.state_dir, self.run.run_id)
+        main = self.trainer.accelerator.is_main_process  # the others only read the folder
+        if main:
+            checkpoint.clean_temporaries(self.state_dir, self.run.run_id)
         ckpt, skipped = checkpoint.latest_valid(self.state_dir, self.run.run_id)
         if ckpt is None:
-            if run_dir.exists() and self.trainer.accelerator.is_main_process:
+            if main and run_dir.exists():
                 why = "; ".join(skipped) or "no checkpoint was written before it stopped"
                 self.journal.append(RunResumed(
                     run_id=self.run.run_id, from_step=self.run.start_step, checkpoint=None,
                     reason=f"restarted from the beginning: {why}",
                 ))
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if main:
+                run_dir.mkdir(parents=True, exist_ok=True)
             return
         state = ckpt.state()
         if state["run_id"] != self.run.run_id:
@@ -260,7 +263,7 @@ class RunContext:
         tr.losses = [float(x) for x in state["losses"]]
         torch.set_rng_state(ckpt.rng())  # after the adapter was built: building it draws
         reason = "; ".join(f"skipped {s}" for s in skipped)
-        if not tr.accelerator.is_main_process:
+        if not main:
             return
         self.journal.append(RunResumed(
             run_id=self.run.run_id, from_step=ckpt.step,

@@ -49,6 +49,7 @@ def test_two_processes_survive_kill_and_stop_and_make_one_version(
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids), "a training process outlived its SIGKILLed daemon"
+    assert not events(state, "RunResumed"), "a fresh run is not a restart, on any process"
 
     # 2. SIGTERM the daemon mid-run: the workers agree on a step, checkpoint, exit 0
     daemon = start(config, LORA_SERVICE_TEST_STEP_DELAY="0.3")

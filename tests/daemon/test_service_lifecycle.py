@@ -129,3 +129,35 @@ def test_a_child_killed_after_its_version_exists_is_not_a_failure(config: Config
         assert failed == ["r0002"]
         status = {r["run_id"]: r["status"] for r in journal.query("SELECT * FROM runs")}
         assert status == {"r0001": "finished", "r0002": "failed"}
+
+
+def test_a_slow_batch_does_not_hold_back_the_watchdog(write_config: Callable[..., Path],
+                                                      tmp_path: Path) -> None:
+    """Intake runs beside the main loop: pings keep coming while a batch takes 4 s."""
+    from .test_daemon_e2e import drop_batch, events
+
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(0.1)
+    config = write_config({"schedule": {"on_arrival": False}})
+    daemon = start(config, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000",
+                   LORA_SERVICE_TEST_INTAKE_DELAY="4")
+    state, pings = tmp_path / "state", []
+    try:
+        wait_for_event(state, "ServiceStarted")
+        drop_batch(tmp_path / "inbox", "slow")
+        deadline = time.monotonic() + TIMEOUT
+        while not events(state, "BatchAccepted") and time.monotonic() < deadline:
+            try:
+                if sock.recv(256) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                pass
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=TIMEOUT)
+        sock.close()
+    assert events(state, "BatchAccepted") and daemon.returncode == 0
+    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    assert len(pings) > 10 and max(gaps) < 2.0, f"{len(pings)} pings, longest gap {max(gaps)}"
