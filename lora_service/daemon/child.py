@@ -23,6 +23,7 @@ from lora_service.config import Config
 
 PARENT_ENV = "LORA_SERVICE_PARENT_PID"
 TAIL_LINES = 40
+WORKERS_WAIT_S = 15.0
 
 
 def child_argv(config: Config, *args: str) -> list[str]:
@@ -33,8 +34,9 @@ def child_argv(config: Config, *args: str) -> list[str]:
     if processes > 1:
         # --multi_gpu starts one process per GPU; without CUDA the trainer asks accelerate
         # for CPU processes (gloo), so the same command works on a laptop
+        # (machines, ranks and addresses of a multi-node run come from `accelerate config`)
         launch = ["-m", "lora_service.training.launch", "--multi_gpu",
-                  "--num_processes", str(processes), "--num_machines", "1",
+                  "--num_processes", str(processes),
                   "--mixed_precision", config.train.mixed_precision, "--dynamo_backend", "no"]
         return [sys.executable, *launch, *module]
     return [sys.executable, *module]
@@ -45,7 +47,14 @@ def ask_to_stop(proc: subprocess.Popen[bytes], launcher: bool) -> None:
     workers get it instead (torchrun starts each in its own session): they agree on a step,
     checkpoint and exit 0, and the launcher then exits 0 too, where SIGTERMing the launcher
     would make it exit 1 and the stop would read as a failure."""
-    targets = _children(proc.pid) if launcher else []
+    if proc.poll() is not None:
+        return
+    targets: list[int] = []
+    deadline = time.monotonic() + WORKERS_WAIT_S
+    while launcher and not targets and proc.poll() is None and time.monotonic() < deadline:
+        targets = _children(proc.pid)  # a launcher still starting has none yet
+        if not targets:
+            time.sleep(0.1)
     for pid in targets or [proc.pid]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

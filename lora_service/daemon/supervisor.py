@@ -44,6 +44,7 @@ TICK_S = 1.0
 MAX_ATTEMPTS = 3
 BACKOFF_S = (5.0, 30.0, 120.0)
 STOP_TIMEOUT_S = 120.0
+INTAKE_JOIN_S = 5.0
 
 
 class Supervisor:
@@ -60,6 +61,7 @@ class Supervisor:
         self.triggered_for: frozenset[str] = frozenset()  # pending set of the last auto request
         self.problem: str | None = None
         self.inbox_changed = threading.Event()
+        self.intake_done = threading.Event()  # set when the main loop ends, however it ends
         self.intake_error: BaseException | None = None
         self.timetable = Timetable(config.schedule, self.wake)
 
@@ -113,14 +115,15 @@ class Supervisor:
                 self.wake.clear()
         finally:
             systemd.notify("STOPPING=1")
+            self.intake_done.set()
+            self.inbox_changed.set()
             if self.child is not None:
                 log.info("stopping training child", run_id=self.child.run_id)
                 code = self.child.terminate(STOP_TIMEOUT_S)
                 self._reap(journal, code)
             watcher.stop()
             self.timetable.stop()
-            self.inbox_changed.set()
-            intake.join(STOP_TIMEOUT_S)  # a batch cut short is finished at the next start
+            intake.join(INTAKE_JOIN_S)  # a batch cut short is finished at the next start
         journal.append(ev.ServiceStopped(pid=os.getpid(), reason=self.stopping or "error"))
         log.info("service stopped", reason=self.stopping)
         return 0
@@ -130,7 +133,7 @@ class Supervisor:
         try:
             with Journal.for_state(self.state_dir) as journal:
                 intake = Intake(journal, self.config, labeller=make_labeller(self.config))
-                while self.stopping is None:
+                while not self.intake_done.is_set():
                     for outcome in intake.scan():
                         log.info("batch", name=outcome.name, outcome=outcome.kind)
                         self.wake.set()  # an arrival may start a run

@@ -111,7 +111,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 
 
 class Journal:
-    """Append events, read them back, query projections. One object per process."""
+    """Append events, read them back, query projections. One object per thread that writes
+    (the daemon's main loop and its intake thread each have one); SQLite serialises them."""
 
     def __init__(self, path: Path, *, check: bool = False) -> None:
         self.path = Path(path)

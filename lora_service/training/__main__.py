@@ -106,9 +106,9 @@ def die_with_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # the parent may have died before prctl: then we were already re-parented
-    direct = "LOCAL_RANK" not in os.environ  # under `accelerate launch` the parent is its launcher
-    if direct and str(os.getppid()) != parent:
+    # the parent (the daemon, or the launcher that sets this for its workers) may have died
+    # before prctl: then we were already re-parented
+    if str(os.getppid()) != parent:
         os._exit(1)
 
 

@@ -7,10 +7,13 @@ children) die with it in turn, so a SIGKILLed daemon leaves no run training behi
 
 from __future__ import annotations
 
-from lora_service.training.__main__ import die_with_parent
+import os
+
+from lora_service.training.__main__ import PARENT_ENV, die_with_parent
 
 if __name__ == "__main__":
     die_with_parent()
+    os.environ[PARENT_ENV] = str(os.getpid())  # the workers' parent, which they check
     from accelerate.commands.launch import main
 
     main()

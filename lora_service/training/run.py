@@ -196,6 +196,7 @@ class RunContext:
             "position": pos,
             "data_order": tr.order(epoch),
             "threads": torch.get_num_threads(),
+            "processes": tr.accelerator.num_processes,
             "config_digest": self.config_digest,
             "losses": tr.losses,
         }
@@ -255,6 +256,13 @@ class RunContext:
         if state["config_digest"] != self.config_digest:
             raise ServiceError(f"{ckpt.path}: written with a different configuration")
         tr = self.trainer
+        written_by = int(state.get("processes", 1))
+        if written_by != tr.accelerator.num_processes:
+            raise ServiceError(
+                f"{ckpt.path}: written by {written_by} training process(es), resumed with "
+                f"{tr.accelerator.num_processes}: set train.num_processes back to {written_by} "
+                "to finish this run"
+            )
         torch.set_num_threads(int(state["threads"]))
         tr.load_adapter(ckpt.adapter())
         tr.optimizer.load_state_dict(ckpt.torch_state("optimizer.pt"))

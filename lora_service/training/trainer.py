@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import lora_service.torch_compat  # noqa: F401  (must precede peft/diffusers)
 # isort: split
 import torch
 import torch.nn.functional as F  # noqa: N812
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -126,9 +127,13 @@ class Trainer:
             num_warmup_steps=t.warmup_steps,
             num_training_steps=run.total_steps,
         )
-        # without CUDA, `accelerate launch --multi_gpu` gives several CPU processes (gloo)
+        # without CUDA, `accelerate launch --multi_gpu` gives several CPU processes (gloo);
+        # split_batches: each process takes a share of one batch (see `steps`), so the LR
+        # schedule steps once per optimizer step, not once per process
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
+            cpu=several and not torch.cuda.is_available(),
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
         )

@@ -4,6 +4,7 @@ through `accelerate launch`, killed, stopped and resumed like a single one."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from lora_service.journal.verify import verify
 
 from .test_daemon_e2e import TIMEOUT, alive, drop_batch, events, start, stop, wait_for
 
-TWO = {"train": {"num_processes": 2, "batch_size": 4, "epochs": 30, "save_steps": 2},
+TWO = {"train": {"num_processes": 2, "batch_size": 4, "epochs": 30, "save_steps": 2,
+                 "lr_scheduler": "linear"},
        "schedule": {"on_arrival": True}}
 
 
@@ -51,11 +53,19 @@ def test_two_processes_survive_kill_and_stop_and_make_one_version(
     assert not any(alive(p) for p in pids), "a training process outlived its SIGKILLed daemon"
     assert not events(state, "RunResumed"), "a fresh run is not a restart, on any process"
 
-    # 2. SIGTERM the daemon mid-run: the workers agree on a step, checkpoint, exit 0
+    # 2. SIGTERM one worker only: both agree on its step, checkpoint and exit 0; the daemon
+    # sees a clean stop of a run still running and resumes it from that checkpoint
     daemon = start(config, LORA_SERVICE_TEST_STEP_DELAY="0.3")
     try:
         resumed = wait_for(state, "RunResumed", daemon=daemon)[0]
         assert resumed["checkpoint"] is not None
+        launcher = json.loads((state / "daemon.json").read_text())["child"]["pid"]
+        os.kill(workers(launcher)[-1], signal.SIGTERM)
+        again = wait_for(state, "RunResumed", 2, daemon=daemon)[-1]
+        assert again["from_step"] == events(state, "CheckpointSaved")[-1]["step"] > 0
+        assert not events(state, "RunFailed"), "a stop is not a failure"
+
+        # 3. SIGTERM the daemon: it stops the workers, which checkpoint and exit 0
         wait_for(state, "CheckpointSaved", len(events(state, "CheckpointSaved")) + 1,
                  daemon=daemon)
     finally:
@@ -64,10 +74,10 @@ def test_two_processes_survive_kill_and_stop_and_make_one_version(
     assert events(state)[-1]["type"] == "ServiceStopped"
     stopped_at = events(state, "CheckpointSaved")[-1]["step"]
 
-    # 3. restart: resumes from that checkpoint and publishes exactly one version
+    # 4. restart: resumes from that checkpoint and publishes exactly one version
     daemon = start(config)
     try:
-        assert wait_for(state, "RunResumed", 2, daemon=daemon)[-1]["from_step"] == stopped_at
+        assert wait_for(state, "RunResumed", 3, daemon=daemon)[-1]["from_step"] == stopped_at
         wait_for(state, "VersionCreated", daemon=daemon)
     finally:
         assert stop(daemon) == 0
@@ -77,5 +87,10 @@ def test_two_processes_survive_kill_and_stop_and_make_one_version(
     logged = [e["step"] for e in events(state, "LossLogged")]
     assert len(logged) == len(set(logged)), f"one process logs losses, got {logged}"
     assert not events(state, "RunFailed")
+    # one LR schedule over the run's steps, across processes and three resumes
+    run = events(state, "RunStarted")[0]
+    total, lr = run["total_steps"], run["learning_rate"]
+    for e in events(state, "LossLogged"):
+        assert abs(e["lr"] - lr * (total - e["step"]) / total) <= 1e-12, e
     with Journal.for_state(state) as journal:
         assert verify(journal, state).ok, verify(journal, state).problems

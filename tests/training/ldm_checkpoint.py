@@ -2,7 +2,7 @@
 
 Nothing on this machine holds a real SD 1.x `.safetensors` file, and diffusers ships only the
 other direction (`diffusers.loaders.single_file_utils`: original -> diffusers). This renames
-a diffusers model's keys to the original layout; `test_ldm_round_trip` proves it is the exact
+a diffusers model's keys to the original layout; test_single_file.py proves it is the exact
 inverse of diffusers' own converters, so a file made here is what a user would download.
 """
 

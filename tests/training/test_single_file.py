@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_service.journal import Journal
@@ -39,6 +40,8 @@ def test_the_ldm_helper_is_the_inverse_of_diffusers_converters(base_cache: Path,
     """What `to_ldm` writes, diffusers' own single-file converters read back exactly."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextModel
 
     unet, vae, text_encoder, _, _ = load_pipeline_components(
         materialise("builtin:tiny-sd", base_cache.parent))
@@ -48,6 +51,9 @@ def test_the_ldm_helper_is_the_inverse_of_diffusers_converters(base_cache: Path,
     _same(unet, UNet2DConditionModel.from_single_file(str(path), subfolder="unet", **kw),
           torch.float32)
     _same(vae, AutoencoderKL.from_single_file(str(path), subfolder="vae", **kw), torch.float32)
+    text = CLIPTextModel(text_encoder.config)
+    text.load_state_dict(convert_ldm_clip_checkpoint(load_file(path)), strict=False)
+    _same(text_encoder, text, torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +131,5 @@ def test_a_single_file_sd15_checkpoint_trains_a_version_whose_kohya_file_applies
         assert torch.equal(got[key], value), key
     scalings = {m.scaling["v"] for m in pipe.unet.modules() if hasattr(m, "scaling")}
     assert scalings == {ALPHA / RANK}
+    with safe_open(str(kohya), framework="pt") as f:  # what WebUI matches a checkpoint by
+        assert f.metadata()["ss_new_sd_model_hash"] == base[0]["sha256"]
