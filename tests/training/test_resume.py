@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,6 +48,14 @@ def _wait_checkpoints(proc: subprocess.Popen, state: Path, n: int) -> None:
         time.sleep(0.05)
 
 
+def _kill_after_two_checkpoints(state: Path, config: Any, run_id: str) -> None:
+    """Start the training child slowed down, SIGKILL it once two checkpoints are journaled."""
+    proc = run_child(config, run_id, env={"LORA_SERVICE_TEST_STEP_DELAY": "0.3"}, wait=False)
+    _wait_checkpoints(proc, state, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, base_cache) -> dict[str, torch.Tensor]:
     """An uninterrupted run (in its own state folder; same batches, same plan)."""
@@ -59,11 +68,7 @@ def test_sigkill_after_second_checkpoint_resumes_bit_identically(
     reference, tmp_path_factory, base_cache
 ):
     state, config, run = _fresh_state(tmp_path_factory, base_cache)
-    proc = run_child(config, run.run_id, env={"LORA_SERVICE_TEST_STEP_DELAY": "0.3"},
-                     wait=False)
-    _wait_checkpoints(proc, state, 2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_two_checkpoints(state, config, run.run_id)
     assert not (state / "versions").exists()
     run_child(config, run.run_id)
 
@@ -101,11 +106,7 @@ def test_damaged_newest_checkpoint_is_skipped(
     reference, tmp_path_factory, base_cache
 ):
     state, config, run = _fresh_state(tmp_path_factory, base_cache)
-    proc = run_child(config, run.run_id, env={"LORA_SERVICE_TEST_STEP_DELAY": "0.3"},
-                     wait=False)
-    _wait_checkpoints(proc, state, 2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_two_checkpoints(state, config, run.run_id)
     newest = checkpoint.all_checkpoints(state, run.run_id)[0]
     data = (newest.path / "optimizer.pt").read_bytes()
     (newest.path / "optimizer.pt").write_bytes(data[: len(data) // 2])
