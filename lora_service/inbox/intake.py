@@ -8,6 +8,20 @@ ctime is used because a copier cannot set it: `cp -p` and `rsync -a` backdate mt
 write, rename or chmod bumps ctime to the kernel's clock, so a file still being written always
 looks recent. A folder with no entries at all is not a batch yet (a `mkdir` before the copy).
 
+Nothing outside the inbox is read or written. A scan opens the inbox once, and each batch folder
+once per scan with `O_DIRECTORY | O_NOFOLLOW` relative to it; every listing, stat, image,
+caption and `metadata.csv` read, and the `REJECTED.txt` write, goes through that descriptor
+(`dir_fd`), so a folder swapped for a symlink (`renameat2(RENAME_EXCHANGE)`) mid-scan cannot
+redirect a read: it either is the symlink when opened (then it is rejected unread) or the reads
+stay in the folder that was opened. `.accepted` and `.rejected` are opened the same way; if one
+is a symlink or not a folder, the decision is journaled with that reason in its notes and the
+batch stays where it is until the operator makes it a real folder.
+
+Names. A file or folder name that is not UTF-8 is journaled in an escaped form (`shown`):
+its bytes with `\\xNN` escapes (and `\\` for a backslash). Such a file is a bad file with that
+reason; such a folder is decided like any other under its escaped name, and moved to
+`.accepted/` or `.rejected/` under that name (a note says so).
+
 Order of effects, chosen so that a SIGKILL anywhere leaves something the next scan finishes:
 1. `BatchDetected` (once per arrival: skipped while the latest intake row of that name is a
    detection, or a decision whose move is still to be done).
@@ -16,8 +30,9 @@ Order of effects, chosen so that a SIGKILL anywhere leaves something the next sc
    `state/batches/<batch_id>/` (it appears complete or not at all), then `BatchAccepted` (with
    `CaptionsGenerated` when the labeller captioned, in the same transaction), then the inbox
    folder moves to `.accepted/<name>`. Duplicate: `BatchDuplicate`, then the move. Rejected:
-   `REJECTED.txt` is written into the inbox folder, then `BatchRejected`, then the move to
-   `.rejected/<name>`.
+   our report is written into the inbox folder (`REJECTED.txt`, or `REJECTED-lora-service.txt`
+   when the user has a `REJECTED.txt` of their own, which is kept), then `BatchRejected`, then
+   the move to `.rejected/<name>`.
 At the first scan of a process (and after a failed batch), dot-folders in `state/batches/` (a
 killed intake's temp) and folders without a `BatchAccepted` (stored, then killed before the
 journal) are removed: the inbox still holds their originals, so the batch is redone. A folder
@@ -25,23 +40,28 @@ still in the inbox whose latest intake row is a decision whose `moved_to` does n
 that has not changed since (ctime) and whose files still match that decision, only lacks its
 move: the move is done and nothing is journaled twice. Nothing in the inbox is ever deleted.
 
+A labeller that raises leaves the batch undecided: it is retried after `LABEL_RETRY_S`, and
+only a failure at the last attempt marks the uncaptioned images bad with the reason.
+
 `scan()` must only run in the process that holds the state lock (the daemon, or a foreground
 command): it is the only writer of `state/batches/`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
-import signal
 import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -69,31 +89,65 @@ from lora_service.inbox.validate import (
 )
 from lora_service.journal import Journal
 from lora_service.journal import events as ev
-from lora_service.store import atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
+from lora_service.store import fsync_dir, sha256_bytes
 
 log = structlog.get_logger(__name__)
 
 ACCEPTED = ".accepted"
 REJECTED = ".rejected"
 REPORT = "REJECTED.txt"
+# our report when the user's folder has a REJECTED.txt of its own: REJECTED-lora-service.txt, -2..
+OWN_REPORT = "REJECTED-lora-service"
+REPORT_NAME = re.compile(r"REJECTED(-lora-service(-\d+)?)?\.txt")
+REPORT_MARK = b"lora-service rejected batch "  # how our report starts: recognised, replaced
 BATCH_ID_HEX = 16
 FINAL = ("accepted", "rejected", "duplicate")
 # ctime (kernel clock) vs event time (our clock): tolerance for coarse timestamps
 CLOCK_SLACK_S = 1.0
-# Fault injection for the crash tests: SIGKILL ourselves at a named point of the flow.
-CRASH_ENV = "LORA_SERVICE_INTAKE_CRASH_AT"
-DELAY_ENV = "LORA_SERVICE_TEST_INTAKE_DELAY"  # tests only: seconds a batch takes at least
+# a labeller that raises: the batch waits this long before each retry, then is decided
+LABEL_RETRY_S = (30.0, 120.0)
+LABEL_ATTEMPTS = len(LABEL_RETRY_S) + 1
+# bounds on one event's payload: listed bad files and notes (the rest is counted)
+MAX_BAD = 300
+MAX_NOTES = 200
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+# kept only for tests/daemon (the supervisor builds its Intake without hooks): seconds a batch
+# takes at least. Everything else injects faults through `Hooks`.
+DELAY_ENV = "LORA_SERVICE_TEST_INTAKE_DELAY"
 
 Labeller = Callable[[list[Path]], dict[str, str]]
 """Captions for images that have none: called with the stored copies' paths, returns
 {file name: caption}. Optional attributes `model` and `weights_sha256` are journaled."""
 
 
+class Hooks:
+    """The seam through which tests crash, slow down or watch intake: `at(point)` is called
+    when the batch folder is open and nothing is read yet ("reading"), after the good images are
+    in the temp folder ("copied"), after it is renamed into the store ("stored") and after the
+    decision is journaled, before the move ("journaled")."""
+
+    def at(self, point: str) -> None:
+        if point == "reading":
+            time.sleep(float(os.environ.get(DELAY_ENV) or 0))
+
+
+def shown(name: str) -> str:
+    """A file-system name as journaled and logged: itself when it is UTF-8; otherwise its bytes
+    with `\\xNN` escapes and `\\\\` for a backslash (readable, and two byte names never look the
+    same). Surrogate-escaped names cannot be stored as JSON/SQLite text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return name
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one scan did with one batch folder."""
 
-    name: str
+    name: str  # as journaled (escaped when the folder's name is not UTF-8)
     status: Literal["accepted", "rejected", "duplicate"]
     moved_to: str  # inbox-relative, e.g. .accepted/cats-1
     batch_id: str | None = None
@@ -101,6 +155,7 @@ class Outcome:
     bad: tuple[ev.BadFile, ...] = ()
     seq: int | None = None  # the deciding event (None: decided by an earlier run)
     finished: bool = False  # True: only the move was left from an interrupted intake
+    not_moved: str | None = None  # why the folder stays in the inbox (.accepted not a folder)
 
     @property
     def kind(self) -> str:
@@ -122,6 +177,16 @@ class _Verdict:
     notes: list[str] = field(default_factory=list)
     generated: dict[str, str] = field(default_factory=dict)
 
+    def journaled(self) -> tuple[tuple[ev.BadFile, ...], tuple[str, ...]]:
+        """Bad files and notes as journaled: the first MAX_BAD / MAX_NOTES, then a count."""
+        bad, notes = self.bad[:MAX_BAD], self.notes[:MAX_NOTES]
+        if len(self.bad) > MAX_BAD:
+            bad.append(ev.BadFile(file="…", reason=f"and {len(self.bad) - MAX_BAD:,} more bad "
+                                                   "files, not listed"))
+        if len(self.notes) > MAX_NOTES:
+            notes.append(f"… and {len(self.notes) - MAX_NOTES:,} more notes, not listed")
+        return tuple(bad), tuple(notes)
+
 
 @dataclass(frozen=True)
 class _Sighting:
@@ -129,9 +194,8 @@ class _Sighting:
     since: float  # when that fingerprint was first seen (or its newest ctime, at first sight)
 
 
-def _crash_point(label: str) -> None:
-    if os.environ.get(CRASH_ENV) == label:
-        os.kill(os.getpid(), signal.SIGKILL)
+class _LabellingFailed(Exception):
+    """The labeller raised before its last attempt: the batch stays undecided."""
 
 
 def batch_id_of(pairs: list[tuple[str, str]]) -> str:
@@ -140,11 +204,55 @@ def batch_id_of(pairs: list[tuple[str, str]]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:BATCH_ID_HEX]
 
 
-def _move(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(src, dst)
-    fsync_dir(dst.parent)
-    fsync_dir(src.parent)
+def _sha256_at(dir_fd: int, name: str) -> str | None:
+    """sha256 of a regular file in a folder (never through a symlink), None if not one."""
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _is_own_report(dir_fd: int, name: str) -> bool:
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and fh.read(len(REPORT_MARK)) == REPORT_MARK
+
+
+def _report_name(dir_fd: int) -> str:
+    """Where our report goes: REJECTED.txt unless that is the user's own file (kept)."""
+    names = [REPORT, f"{OWN_REPORT}.txt", *(f"{OWN_REPORT}-{n}.txt" for n in range(2, 1000))]
+    for name in names:
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return name
+        if _is_own_report(dir_fd, name):
+            return name
+    raise RuntimeError("no free name for the rejection report")
+
+
+def _write_at(dir_fd: int, name: str, data: bytes) -> None:
+    """Atomically (re)place `name` in a folder, never through a symlink."""
+    tmp = f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
 
 
 class Intake:
@@ -157,10 +265,12 @@ class Intake:
         *,
         labeller: Labeller | None = None,
         workers: int | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.journal = journal
         self.config = config
         self.labeller = labeller
+        self.hooks = hooks or Hooks()
         self.inbox = Path(config.paths.inbox)
         self.state = Path(config.paths.state)
         self.store = self.state / "batches"
@@ -171,8 +281,11 @@ class Intake:
         )
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._seen: dict[str, _Sighting] = {}
+        self._label_failures: dict[str, tuple[int, float]] = {}  # name -> (failures, retry at)
+        self._blocked: set[str] = set()  # names whose move waits for a real .accepted/.rejected
         self._lock = threading.Lock()
         self._store_checked = False  # leftovers of a killed run are cleaned at the first scan
+        self._inbox_fd = -1  # the inbox, opened for the length of one scan
 
     # -- scanning ----------------------------------------------------------------------------
 
@@ -185,36 +298,57 @@ class Intake:
         """
         with self._lock:
             self.inbox.mkdir(parents=True, exist_ok=True)
-            if not self._store_checked:
-                self._clean_store()
-                self._store_checked = True
-            now = time.time() if now is None else now
-            outcomes: list[Outcome] = []
-            present: set[str] = set()
-            for entry in sorted(os.scandir(self.inbox), key=lambda e: e.name):
-                if entry.name.startswith("."):
-                    continue
-                if not (entry.is_symlink() or entry.is_dir(follow_symlinks=False)):
-                    continue  # a loose file in the inbox root is not a batch
-                present.add(entry.name)
-                try:
-                    outcome = self._visit(entry.name, now)
-                except Exception:
-                    log.exception("intake failed; retried on the next scan", batch=entry.name)
-                    self._seen.pop(entry.name, None)
-                    self._store_checked = False
-                    continue
-                if outcome is not None:
-                    outcomes.append(outcome)
-            for gone in set(self._seen) - present:
-                del self._seen[gone]
-            return outcomes
+            self._inbox_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                return self._scan(time.time() if now is None else now)
+            finally:
+                os.close(self._inbox_fd)
+                self._inbox_fd = -1
 
-    def _fingerprint(self, folder: Path) -> tuple[tuple[Any, ...], float]:
+    def _scan(self, now: float) -> list[Outcome]:
+        if not self._store_checked:
+            self._clean_store()
+            self._store_checked = True
+        outcomes: list[Outcome] = []
+        present: set[str] = set()
+        for entry in sorted(os.scandir(self._inbox_fd), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if not (entry.is_symlink() or entry.is_dir(follow_symlinks=False)):
+                continue  # a loose file in the inbox root is not a batch
+            present.add(entry.name)
+            key = shown(entry.name)
+            try:
+                outcome = self._visit(entry.name, key, now)
+            except _LabellingFailed as exc:
+                failures = self._label_failures.get(key, (0, 0.0))[0] + 1
+                wait = LABEL_RETRY_S[failures - 1]
+                self._label_failures[key] = (failures, now + wait)
+                log.warning("labelling failed; the batch stays undecided and is retried",
+                            batch=key, attempt=failures, attempts=LABEL_ATTEMPTS,
+                            retry_in_s=wait, error=str(exc))
+                continue
+            except Exception:
+                log.exception("intake failed; retried on the next scan", batch=key)
+                self._seen.pop(entry.name, None)
+                self._store_checked = False
+                continue
+            if outcome is not None:
+                self._label_failures.pop(key, None)
+                outcomes.append(outcome)
+        for gone in set(self._seen) - present:
+            del self._seen[gone]
+        keys = {shown(name) for name in present}
+        for gone_key in set(self._label_failures) - keys:
+            del self._label_failures[gone_key]
+        self._blocked &= keys
+        return outcomes
+
+    def _fingerprint(self, fd: int) -> tuple[tuple[Any, ...], float]:
         """(entries' identity, newest change time) of a folder's direct entries."""
         entries = []
         newest = 0.0
-        for entry in os.scandir(folder):
+        for entry in os.scandir(fd):
             info = entry.stat(follow_symlinks=False)
             entries.append(
                 (entry.name, stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns,
@@ -223,11 +357,11 @@ class Intake:
             newest = max(newest, info.st_mtime, info.st_ctime)
         return tuple(sorted(entries)), newest
 
-    def _complete(self, name: str, folder: Path, now: float) -> bool | None:
+    def _complete(self, name: str, fd: int | None, now: float) -> bool | None:
         """True when complete, False while settling, None when it is not a batch yet (empty)."""
-        if folder.is_symlink():
-            return True  # never read: rejected as it is
-        fingerprint, newest = self._fingerprint(folder)
+        if fd is None:
+            return True  # a symlink: never read, rejected as it is
+        fingerprint, newest = self._fingerprint(fd)
         if not fingerprint:
             return None
         if any(entry[0] == self.config.inbox.ready_marker for entry in fingerprint):
@@ -242,30 +376,117 @@ class Intake:
         self._seen[name] = _Sighting(fingerprint, since)
         return now - since >= self.config.inbox.settle_seconds
 
-    def _visit(self, name: str, now: float) -> Outcome | None:
-        folder = self.inbox / name
-        last = self._last_intake(name)
+    def _open_batch(self, name: str) -> int | None | Literal[False]:
+        """The batch folder opened once, never through a symlink: its fd, None when `name` is
+        a symlink, False when it is gone or no longer a folder (not a batch now)."""
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=self._inbox_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+        try:
+            info = os.stat(name, dir_fd=self._inbox_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return None if stat.S_ISLNK(info.st_mode) else False
+
+    def _visit(self, name: str, key: str, now: float) -> Outcome | None:
+        failed = self._label_failures.get(key)
+        if failed is not None and now < failed[1]:
+            return None  # the labeller failed: wait before trying again
+        last = self._last_intake(key)
         pending = (
             last
-            if last is not None
-            and last["outcome"] in FINAL
-            and not os.path.lexists(self.inbox / last["moved_to"])
+            if last is not None and last["outcome"] in FINAL and not self._exists(last["moved_to"])
             else None
         )
         new_arrival = pending is None and (last is None or last["outcome"] in FINAL)
-        complete = self._complete(name, folder, now)
-        if complete is None:
+        fd = self._open_batch(name)
+        if fd is False:
             return None
-        if new_arrival:
-            self.journal.append(ev.BatchDetected(name=name))
-        if not complete:
+        try:
+            complete = self._complete(name, fd, now)
+            if complete is None:
+                return None
+            if new_arrival:
+                self.journal.append(ev.BatchDetected(name=key))
+            if not complete:
+                return None
+            self._seen.pop(name, None)
+            if pending is not None:
+                problem = self._kind_problem(pending["moved_to"].partition("/")[0])
+                if problem is not None:  # decided; the move waits until it is a real folder
+                    if key not in self._blocked:
+                        log.error("batch not moved", batch=key, why=problem)
+                        self._blocked.add(key)
+                    return None
+                if self._only_move_missing(pending, name, fd):
+                    return self._finish_move(pending, name)
+                self.journal.append(ev.BatchDetected(name=key))
+            return self._process(name, key, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    # -- the inbox's own folders -------------------------------------------------------------
+
+    def _kind_problem(self, kind: str) -> str | None:
+        """Why `.accepted` / `.rejected` cannot receive a batch (a symlink, not a folder)."""
+        try:
+            info = os.stat(kind, dir_fd=self._inbox_fd, follow_symlinks=False)
+        except FileNotFoundError:
             return None
-        self._seen.pop(name, None)
-        if pending is not None:
-            if self._only_move_missing(pending, folder):
-                return self._finish_move(pending)
-            self.journal.append(ev.BatchDetected(name=name))
-        return self._process(name, folder)
+        if stat.S_ISLNK(info.st_mode):
+            return f"inbox/{kind} is a symlink (never followed); make it a real folder"
+        if not stat.S_ISDIR(info.st_mode):
+            return f"inbox/{kind} is not a folder; make it one"
+        return None
+
+    def _exists(self, moved_to: str) -> bool:
+        """Does `kind/name` exist in the inbox, looked up without following any symlink?"""
+        kind, _, target = moved_to.partition("/")
+        try:
+            kind_fd = os.open(kind, DIR_FLAGS, dir_fd=self._inbox_fd)
+        except OSError:
+            return False
+        try:
+            os.stat(target, dir_fd=kind_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(kind_fd)
+        return True
+
+    def _move(self, name: str, moved_to: str) -> None:
+        """Rename the batch into `.accepted/` or `.rejected/`, a real folder opened without
+        following a symlink (if it became one since the check, this raises: retried)."""
+        kind, _, target = moved_to.partition("/")
+        with suppress(FileExistsError):
+            os.mkdir(kind, dir_fd=self._inbox_fd)
+        kind_fd = os.open(kind, DIR_FLAGS, dir_fd=self._inbox_fd)
+        try:
+            os.rename(name, target, src_dir_fd=self._inbox_fd, dst_dir_fd=kind_fd)
+            os.fsync(kind_fd)
+        finally:
+            os.close(kind_fd)
+        os.fsync(self._inbox_fd)
+
+    def _move_out(self, name: str, outcome: Outcome) -> Outcome:
+        """The move after a decision, or none when the destination is not a real folder."""
+        if outcome.not_moved is not None:
+            log.error("batch not moved", batch=outcome.name, why=outcome.not_moved)
+            self._blocked.add(outcome.name)
+        else:
+            self._move(name, outcome.moved_to)
+        return outcome
+
+    def _free_name(self, kind: str, name: str) -> str:
+        """`kind/name`, or `kind/name-1`, `-2`, ... : never over an existing folder."""
+        candidate, n = name, 0
+        while self._exists(f"{kind}/{candidate}"):
+            n += 1
+            candidate = f"{name}-{n}"
+        return f"{kind}/{candidate}"
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -288,126 +509,133 @@ class Intake:
                 else:
                     os.unlink(entry.path)
 
-    def _only_move_missing(self, row: dict[str, Any], folder: Path) -> bool:
+    def _only_move_missing(self, row: dict[str, Any], name: str, fd: int | None) -> bool:
         """Is this the folder a journaled decision was about (so only its move is missing)?
 
         Not if it changed after the decision: a rename (a user moving `.rejected/x` back into
         the inbox after fixing it) or a new entry bumps the folder's ctime past the event's
-        time. Then the content must still match: the decided images, or our REJECTED.txt.
+        time. Then the content must still match: the decided images, or our report.
         """
         decided = datetime.fromisoformat(row["ts"]).timestamp()
-        if folder.lstat().st_ctime > decided + CLOCK_SLACK_S:
+        info = (os.fstat(fd) if fd is not None
+                else os.stat(name, dir_fd=self._inbox_fd, follow_symlinks=False))
+        if info.st_ctime > decided + CLOCK_SLACK_S:
             return False
         if row["outcome"] == "rejected":
-            return folder.is_symlink() or (folder / REPORT).is_file()
+            if fd is None:
+                return True  # a symlink: rejected unread, no report
+            reports = [e.name for e in os.scandir(fd) if REPORT_NAME.fullmatch(e.name)]
+            return any(_is_own_report(fd, name) for name in reports)
+        if fd is None:
+            return False
         wanted = {
             r["sha256"]
             for r in self.journal.query(
                 "SELECT sha256 FROM batch_images WHERE batch_id = ?", (row["batch_id"],)
             )
         }
-        have = set()
-        for entry in os.scandir(folder):
-            if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
-                have.add(sha256_file(Path(entry.path)))
+        have = {
+            _sha256_at(fd, entry.name)
+            for entry in os.scandir(fd)
+            if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")
+        }
         return bool(wanted) and wanted <= have
 
-    def _finish_move(self, row: dict[str, Any]) -> Outcome:
-        _move(self.inbox / row["name"], self.inbox / row["moved_to"])
+    def _finish_move(self, row: dict[str, Any], name: str) -> Outcome:
+        self._move(name, row["moved_to"])
         bad = tuple(ev.BadFile(**b) for b in json.loads(row["bad"] or "[]"))
         log.info("finished an interrupted move", batch=row["name"], moved_to=row["moved_to"])
         return Outcome(row["name"], row["outcome"], row["moved_to"], row["batch_id"], bad=bad,
                        finished=True)
 
-    def _free_name(self, kind: str, name: str) -> str:
-        """`kind/name`, or `kind/name-1`, `-2`, ... : never over an existing folder."""
-        candidate, n = name, 0
-        while os.path.lexists(self.inbox / kind / candidate):
-            n += 1
-            candidate = f"{name}-{n}"
-        return f"{kind}/{candidate}"
-
     # -- processing --------------------------------------------------------------------------
 
-    def _process(self, name: str, folder: Path) -> Outcome:
-        if folder.is_symlink():
-            return self._reject(name, folder, "the batch folder is a symlink (not followed)",
-                                _Verdict(), report=False)
-        time.sleep(float(os.environ.get(DELAY_ENV) or 0))
+    def _process(self, name: str, key: str, fd: int | None) -> Outcome:
+        if fd is None:
+            return self._reject(name, key, None, "the batch folder is a symlink (not followed)",
+                                _Verdict())
+        self.hooks.at("reading")
         self.store.mkdir(parents=True, exist_ok=True)
         tmp = self.store / f".incoming-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            verdict = self._check(folder, tmp)
+            failures = self._label_failures.get(key, (0, 0.0))[0]
+            verdict = self._check(fd, self.inbox / name, tmp, labelling_attempt=failures + 1)
+            if key != name:
+                verdict.notes.insert(0, f"the folder's name is not UTF-8: journaled and moved "
+                                        f"as {key}")
             minimum = self.config.inbox.min_images
             if not verdict.good:
                 reason = f"no usable image ({len(verdict.bad)} bad files)"
-                return self._reject(name, folder, reason, verdict)
+                return self._reject(name, key, fd, reason, verdict)
             if len(verdict.good) < minimum:
                 reason = (f"{len(verdict.good)} usable images, fewer than "
                           f"inbox.min_images = {minimum}")
-                return self._reject(name, folder, reason, verdict)
-            return self._accept(name, folder, tmp, verdict)
+                return self._reject(name, key, fd, reason, verdict)
+            return self._accept(name, key, tmp, verdict)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _check(self, folder: Path, tmp: Path) -> _Verdict:
-        """Check every entry of the folder; good images are copied into `tmp`."""
+    def _check(self, fd: int, folder: Path, tmp: Path, labelling_attempt: int) -> _Verdict:
+        """Check every entry of the open batch folder `fd`; good images are copied into `tmp`.
+        `folder` is its path, only for messages."""
         cfg = self.config.inbox
         verdict = _Verdict()
-        images: list[Path] = []
-        texts: set[str] = set()
+        entries = sorted(os.scandir(fd), key=lambda e: e.name)
+        images: list[str] = []
+        texts: dict[str, list[str]] = {}  # stem -> caption files with that stem (any .txt case)
         has_metadata = False
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            path = Path(entry.path)
-            if entry.name in (cfg.ready_marker, REPORT):
+        for entry in entries:
+            name, suffix = entry.name, Path(entry.name).suffix.lower()
+            if name == cfg.ready_marker or REPORT_NAME.fullmatch(name):
                 continue
-            if entry.name.startswith("."):
-                verdict.notes.append(f"{entry.name}: hidden file ignored")
-            elif entry.name == METADATA:
+            if name.startswith("."):
+                verdict.notes.append(f"{shown(name)}: hidden file ignored")
+            elif shown(name) != name:
+                verdict.bad.append(ev.BadFile(file=shown(name), reason=(
+                    "file name is not UTF-8 (shown with \\x escapes); rename it")))
+            elif name == METADATA:
                 has_metadata = True
-            elif path.suffix.lower() == ".txt":
-                texts.add(entry.name)  # read (never through a link) with its image
+            elif suffix == ".txt":
+                texts.setdefault(Path(name).stem, []).append(name)  # read with its image
             elif entry.is_symlink():
-                verdict.bad.append(ev.BadFile(file=entry.name, reason=self._symlink(path)))
+                verdict.bad.append(ev.BadFile(file=name, reason=self._symlink(fd, folder, name)))
             elif entry.is_dir(follow_symlinks=False):
                 verdict.bad.append(ev.BadFile(
-                    file=entry.name, reason="a sub-folder (batches are flat; not read)"))
-            elif path.suffix.lower().lstrip(".") in cfg.allowed_extensions:
-                images.append(path)
+                    file=name, reason="a sub-folder (batches are flat; not read)"))
+            elif suffix.lstrip(".") in cfg.allowed_extensions:
+                images.append(name)
             else:
-                ext = path.suffix.lower() or "(none)"
                 allowed = ", ".join(cfg.allowed_extensions)
                 verdict.bad.append(ev.BadFile(
-                    file=entry.name, reason=f"extension {ext} not allowed (allowed: {allowed})"))
+                    file=name, reason=f"extension {suffix or '(none)'} not allowed "
+                                      f"(allowed: {allowed})"))
 
-        metadata = read_metadata(folder / METADATA) if has_metadata else None
-        if metadata is not None:
+        metadata = None
+        if has_metadata:
+            metadata = read_metadata(METADATA, {e.name for e in entries}, dir_fd=fd)
             if metadata.error:
                 verdict.bad.append(ev.BadFile(file=METADATA, reason=metadata.error))
             verdict.bad.extend(ev.BadFile(file=f, reason=r) for f, r in metadata.bad)
             verdict.notes.extend(metadata.notes)
-            names = {p.name for p in images}
-            for file, (row, _text) in sorted(metadata.rows.items()):
-                if file not in names and not (folder / file).exists():
-                    verdict.bad.append(ev.BadFile(
-                        file=file, reason=f"{METADATA} row {row}: no such file in the batch"))
 
         # one stem, one caption file: a second image with the same stem would be ambiguous
-        by_stem: dict[str, Path] = {}
-        unique: list[Path] = []
-        for path in images:
-            if path.stem in by_stem:
+        by_stem: dict[str, str] = {}
+        unique: list[str] = []
+        for image in images:
+            stem = Path(image).stem
+            if stem in by_stem:
                 verdict.bad.append(ev.BadFile(
-                    file=path.name,
-                    reason=f"same stem as {by_stem[path.stem].name} (captions would be ambiguous)",
+                    file=image,
+                    reason=f"same stem as {by_stem[stem]} (captions would be ambiguous)",
                 ))
                 continue
-            by_stem[path.stem] = path
-            unique.append(path)
+            by_stem[stem] = image
+            unique.append(image)
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix="intake") as pool:
-            checks = list(pool.map(lambda p: check_image(p, self.limits, tmp / p.name), unique))
+            checks = list(pool.map(
+                lambda n: check_image(n, self.limits, tmp / n, dir_fd=fd), unique))
 
         seen_sha: dict[str, str] = {}
         missing: list[Checked] = []
@@ -423,7 +651,7 @@ class Intake:
                 continue
             seen_sha[check.sha256] = check.name
             try:
-                good = self._caption(check, folder, texts, metadata, verdict.notes)
+                good = self._caption(check, fd, texts, metadata, verdict.notes)
             except UnreadableFile as exc:
                 os.unlink(tmp / check.name)
                 verdict.bad.append(ev.BadFile(file=check.name, reason=str(exc)))
@@ -432,29 +660,42 @@ class Intake:
                 missing.append(check)
             else:
                 verdict.good.append(good)
-        stems = {Path(e.name).stem for e in os.scandir(folder)
-                 if not e.name.lower().endswith(".txt")}
-        verdict.notes.extend(
-            f"{t}: caption file without an image; ignored"
-            for t in sorted(texts) if Path(t).stem not in stems
-        )
-        self._caption_missing(missing, tmp, verdict, metadata_error=(
+        stems = {Path(e.name).stem: e.name for e in entries
+                 if Path(e.name).suffix.lower() != ".txt"}
+        folded = {stem.lower(): entry for stem, entry in stems.items()}
+        for stem, names in sorted(texts.items()):
+            if stem in stems:
+                continue  # the sidecar of an entry that is bad for its own reason
+            near = folded.get(stem.lower())
+            verdict.notes.extend(
+                f"{text}: caption file without an image; ignored" if near is None else
+                f"{text}: caption file without an image ({near} differs in case; a caption's "
+                "name must match its image's exactly); ignored"
+                for text in names)
+        self._caption_missing(missing, tmp, verdict, labelling_attempt, metadata_error=(
             metadata.error if metadata is not None else None))
         verdict.good.sort(key=lambda g: g.check.name)
         return verdict
 
     def _caption(
-        self, check: Checked, folder: Path, texts: set[str], metadata: Metadata | None,
+        self, check: Checked, fd: int, texts: dict[str, list[str]], metadata: Metadata | None,
         notes: list[str],
     ) -> _Good | None:
         """The image's caption from its sidecar or metadata.csv (sidecar wins), None if it has
-        none; raises UnreadableFile when the caption it has is unusable."""
+        none; raises UnreadableFile when the caption it has is unusable.
+
+        The sidecar is `<image stem>.txt` as kohya reads it (the stem matched exactly); the
+        `.txt` may be in any case (`A.TXT` for `A.PNG`, as written on Windows). With several,
+        `.txt` itself wins, else the first by name; the others are noted, not used."""
         max_chars = self.config.inbox.max_caption_chars
-        sidecar = f"{Path(check.name).stem}.txt"
+        stem = Path(check.name).stem
+        found = texts.pop(stem, [])
         in_metadata = metadata is not None and check.name in metadata.rows
-        if sidecar in texts:
-            texts.discard(sidecar)
-            data = read_regular(folder / sidecar, MAX_CAPTION_FILE_BYTES)
+        if found:
+            sidecar = f"{stem}.txt" if f"{stem}.txt" in found else found[0]
+            notes.extend(f"{other}: not used; {check.name}'s caption is {sidecar}"
+                         for other in found if other != sidecar)
+            data = read_regular(sidecar, MAX_CAPTION_FILE_BYTES, dir_fd=fd)
             caption = decode_caption(data, sidecar, max_chars)
             if in_metadata:
                 notes.append(f"{check.name}: caption in both {sidecar} and {METADATA}; "
@@ -466,17 +707,20 @@ class Intake:
             return _Good(check, caption, "metadata.csv")
         return None
 
-    def _symlink(self, path: Path) -> str:
-        target = os.readlink(path)
-        resolved = (path.parent / target).resolve()
+    def _symlink(self, fd: int, folder: Path, name: str) -> str:
+        target = os.readlink(name, dir_fd=fd)
+        resolved = (folder / target).resolve()  # names only: no file's content is read
         if not resolved.is_relative_to(self.inbox.resolve()):
-            return f"symlink leaving the inbox (-> {target}); not followed"
-        return f"symlink (-> {target}); links are not followed, copy the file itself"
+            return f"symlink leaving the inbox (-> {shown(target)}); not followed"
+        return f"symlink (-> {shown(target)}); links are not followed, copy the file itself"
 
     def _caption_missing(
-        self, missing: list[Checked], tmp: Path, verdict: _Verdict, metadata_error: str | None
+        self, missing: list[Checked], tmp: Path, verdict: _Verdict, attempt: int,
+        metadata_error: str | None,
     ) -> None:
-        """Caption images that have none with the labeller, or mark them bad with the reason."""
+        """Caption images that have none with the labeller, or mark them bad with the reason.
+        A labeller that raises leaves the batch undecided (`_LabellingFailed`) until its last
+        attempt: a model that failed once (out of memory, a killed child) is not a verdict."""
         if not missing:
             return
         labelling = self.config.labelling.enabled
@@ -486,8 +730,10 @@ class Intake:
             try:
                 captions = self.labeller([tmp / c.name for c in missing])
             except Exception as exc:  # a broken model must not stop intake of captioned images
-                log.exception("labeller failed", images=len(missing))
-                failure = f"labelling failed ({type(exc).__name__}: {exc})"
+                if attempt < LABEL_ATTEMPTS:
+                    raise _LabellingFailed(f"{type(exc).__name__}: {exc}") from exc
+                log.exception("labeller failed; its last attempt", images=len(missing))
+                failure = (f"labelling failed {attempt} times ({type(exc).__name__}: {exc})")
         for check in missing:
             text = captions.get(check.name)
             if text is not None:
@@ -517,17 +763,25 @@ class Intake:
 
     # -- decisions ---------------------------------------------------------------------------
 
-    def _accept(self, name: str, folder: Path, tmp: Path, verdict: _Verdict) -> Outcome:
+    def _not_moved_note(self, kind: str, verdict: _Verdict) -> str | None:
+        problem = self._kind_problem(kind)
+        if problem is not None:
+            verdict.notes.append(f"not moved: {problem}; the folder stays in the inbox until "
+                                 "then")
+        return problem
+
+    def _accept(self, name: str, key: str, tmp: Path, verdict: _Verdict) -> Outcome:
         batch_id = batch_id_of([(g.check.sha256 or "", g.caption) for g in verdict.good])
         first = self.journal.query("SELECT name FROM batches WHERE batch_id = ?", (batch_id,))
+        problem = self._not_moved_note(ACCEPTED, verdict)
+        bad, notes = verdict.journaled()
         if first:
-            moved_to = self._free_name(ACCEPTED, name)
+            moved_to = self._free_name(ACCEPTED, key)
             (seq,) = self.journal.append(ev.BatchDuplicate(
-                name=name, batch_id=batch_id, duplicate_of=first[0]["name"], moved_to=moved_to))
-            _crash_point("journaled")
-            _move(folder, self.inbox / moved_to)
-            return Outcome(name, "duplicate", moved_to, batch_id, len(verdict.good),
-                           tuple(verdict.bad), seq)
+                name=key, batch_id=batch_id, duplicate_of=first[0]["name"], moved_to=moved_to))
+            self.hooks.at("journaled")
+            return self._move_out(name, Outcome(key, "duplicate", moved_to, batch_id,
+                                                len(verdict.good), bad, seq, not_moved=problem))
 
         files: dict[str, str] = {}
         records = []
@@ -544,50 +798,54 @@ class Intake:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="intake") as pool:
             list(pool.map(lambda item: write_synced(tmp / item[0], item[1]), sidecars.items()))
         fsync_dir(tmp)
-        _crash_point("copied")
+        self.hooks.at("copied")
         final = self.store / batch_id
         if os.path.lexists(final):  # stored by an intake killed before its event: redo it
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(self.store)
-        _crash_point("stored")
+        self.hooks.at("stored")
 
-        moved_to = self._free_name(ACCEPTED, name)
+        moved_to = self._free_name(ACCEPTED, key)
         events: list[ev.Event] = []
         if verdict.generated:
             events.append(ev.CaptionsGenerated(
-                name=name,
+                name=key,
                 model=str(getattr(self.labeller, "model", self.config.labelling.model)),
                 weights_sha256=str(getattr(self.labeller, "weights_sha256", "")),
                 captions=dict(sorted(verdict.generated.items())),
             ))
         events.append(ev.BatchAccepted(
-            name=name, batch_id=batch_id, images=tuple(records), bad=tuple(verdict.bad),
-            notes=tuple(verdict.notes), moved_to=moved_to, files=files))
+            name=key, batch_id=batch_id, images=tuple(records), bad=bad, notes=notes,
+            moved_to=moved_to, files=files))
         try:
             seq = self.journal.append(*events)[-1]
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)  # no event: the store must not keep it
             raise
-        _crash_point("journaled")
-        _move(folder, self.inbox / moved_to)
-        return Outcome(name, "accepted", moved_to, batch_id, len(records), tuple(verdict.bad),
-                       seq)
+        self.hooks.at("journaled")
+        return self._move_out(name, Outcome(key, "accepted", moved_to, batch_id, len(records),
+                                            bad, seq, not_moved=problem))
 
     def _reject(
-        self, name: str, folder: Path, reason: str, verdict: _Verdict, *, report: bool = True
+        self, name: str, key: str, fd: int | None, reason: str, verdict: _Verdict
     ) -> Outcome:
-        if report:
-            lines = [f"batch {name!r} rejected: {reason}", ""]
+        """Journal the rejection; our report goes into the folder (none for a symlink)."""
+        problem = self._not_moved_note(REJECTED, verdict)
+        if fd is not None:
+            report = _report_name(fd)
+            if report != REPORT:
+                verdict.notes.append(f"{REPORT} is the user's own and is kept; the report is "
+                                     f"{report}")
+            lines = [f"{REPORT_MARK.decode()}{key!r}: {reason}", ""]
             lines += [f"{b.file}: {b.reason}" for b in verdict.bad]
             if verdict.notes:
                 lines += ["", "notes:"] + [f"  {n}" for n in verdict.notes]
-            atomic_write_bytes(folder / REPORT, ("\n".join(lines) + "\n").encode("utf-8"))
-        moved_to = self._free_name(REJECTED, name)
+            _write_at(fd, report, ("\n".join(lines) + "\n").encode("utf-8"))
+        moved_to = self._free_name(REJECTED, key)
+        bad, notes = verdict.journaled()
         (seq,) = self.journal.append(ev.BatchRejected(
-            name=name, reason=reason, bad=tuple(verdict.bad), notes=tuple(verdict.notes),
-            moved_to=moved_to))
-        _crash_point("journaled")
-        _move(folder, self.inbox / moved_to)
-        return Outcome(name, "rejected", moved_to, None, 0, tuple(verdict.bad), seq)
-
+            name=key, reason=reason, bad=bad, notes=notes, moved_to=moved_to))
+        self.hooks.at("journaled")
+        return self._move_out(name, Outcome(key, "rejected", moved_to, None, 0, bad, seq,
+                                            not_moved=problem))

@@ -1,8 +1,10 @@
 """Per-file checks of an inbox image: what Pillow may read, and how far.
 
 The order is what makes it safe:
-1. The file is opened with `O_NOFOLLOW | O_NONBLOCK` and fstat'ed: a symlink is never followed,
-   and a FIFO or device is refused without blocking (only regular files are read).
+1. The file is opened with `O_NOFOLLOW | O_NONBLOCK` (relative to the batch folder's descriptor
+   when the intake passes `dir_fd`, so a folder swapped for a symlink cannot redirect the read)
+   and fstat'ed: a symlink is never followed, and a FIFO or device is refused without blocking
+   (only regular files are read).
 2. Pillow parses the header only, restricted to the formats of the allowed extensions (a `.png`
    that is really an EPS never reaches Ghostscript), and the pixel count is checked against
    `inbox.max_image_pixels` before anything is decoded: a decompression bomb is refused unread.
@@ -20,6 +22,7 @@ Pillow's default (first frame) is what training reads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -68,16 +71,19 @@ def _too_big(width: int, height: int, limits: Limits) -> str | None:
     return None
 
 
-def check_image(path: Path, limits: Limits, copy_to: Path | None = None) -> Checked:
-    """Check one image file; when good and `copy_to` is set, write its bytes there (fsynced).
+def check_image(
+    path: str | Path, limits: Limits, copy_to: Path | None = None, *, dir_fd: int | None = None
+) -> Checked:
+    """Check one image file (relative to `dir_fd` when given); when good and `copy_to` is set,
+    write its bytes there (fsynced).
 
     Never raises for a bad file: every failure is a `Checked` with the reason to journal.
     """
-    name = path.name
+    name = os.path.basename(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError as exc:
-        if os.path.islink(path):
+        if exc.errno == errno.ELOOP:
             return Checked(name, "symlink (not followed)")
         return Checked(name, f"cannot be read ({exc.strerror})")
     with os.fdopen(fd, "rb") as fh:

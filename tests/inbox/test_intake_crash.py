@@ -4,7 +4,6 @@ the store has no folder without its event, and no image is lost from the inbox."
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import sqlite3
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from lora_service.inbox import Intake
-from lora_service.inbox.intake import CRASH_ENV
 from lora_service.journal import Journal, projections
 from lora_service.journal import events as ev
 from lora_service.journal.sqlite import GENESIS, event_hash
@@ -29,12 +27,9 @@ CHILD = Path(__file__).with_name("_intake_child.py")
 FINAL = ("BatchAccepted", "BatchRejected", "BatchDuplicate")
 
 
-def child(config_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def child(config_path: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(CHILD), str(config_path), *args],
-        stdout=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-        text=True,
+        [sys.executable, str(CHILD), str(config_path), *args], stdout=subprocess.PIPE, text=True
     )
 
 
@@ -124,19 +119,22 @@ def test_kill_at_each_step_then_rescan(
     env = make_env()
     config_path = write_config()
     drops = {"a-first": batch_files("good", 1), "b-again": batch_files("good", 1),
-             "broken": batch_files("bad", 2), "mixed": batch_files("mixed", 3)}
+             "broken": batch_files("bad", 2), "mixed": batch_files("mixed", 3),
+             # our report goes beside the user's REJECTED.txt, and recovery still finds it
+             "own-report": {**batch_files("bad", 4), "REJECTED.txt": "my own notes"}}
     for name, files in drops.items():
         drop(env.inbox / name, files)
     kills = 0
     for _ in range(len(drops) + 1):
-        proc = child(config_path, "once", env={CRASH_ENV: point})
-        proc.wait(timeout=60)
+        proc = child(config_path, "once", "--crash-at", point)
+        proc.communicate(timeout=60)
         kills += proc.returncode == -signal.SIGKILL
     assert kills >= 2  # the crash points were reached
     env.intake.scan()
     kinds = check_invariants(env.journal, env.inbox, env.state, drops)
     assert kinds == {"a-first": "BatchAccepted", "b-again": "BatchDuplicate",
-                     "broken": "BatchRejected", "mixed": "BatchAccepted"}
+                     "broken": "BatchRejected", "mixed": "BatchAccepted",
+                     "own-report": "BatchRejected"}
 
 
 def test_random_sigkills_during_intake(
@@ -162,7 +160,7 @@ def test_random_sigkills_during_intake(
         assert proc.stdout.readline().strip() == "up"
         time.sleep(rng.uniform(0.0, 0.08))  # a scan of two batches takes ~50-100 ms
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)
         kills += proc.returncode == -signal.SIGKILL
         interrupted += interrupted_state(env.journal, env.inbox, env.state)
     assert kills >= 20

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lora_service.inbox import InboxWatcher, batch_id_of, list_batches
+from lora_service.inbox.intake import LABEL_ATTEMPTS, LABEL_RETRY_S
 from lora_service.journal import events as ev
 
 from .conftest import Env, drop, image_bytes, sha
@@ -93,17 +94,29 @@ def test_labeller_hook_captions_images_without_one(make_env: Callable[..., Env])
     assert list_batches(env.journal)[0]["caption_sources"] == ["clip", "sidecar"]
 
 
-def test_failing_labeller_marks_only_uncaptioned_images(make_env: Callable[..., Env]) -> None:
+def test_failing_labeller_marks_only_uncaptioned_images_after_its_last_attempt(
+    make_env: Callable[..., Env],
+) -> None:
+    """A labeller that keeps raising: undecided until its last attempt, then only the images
+    without a caption are bad, with the reason."""
+    calls: list[float] = []
+
     def labeller(paths: list[Path]) -> dict[str, str]:
+        calls.append(time.time())
         raise RuntimeError("weights missing")
 
     env = make_env({"labelling": {"enabled": True, "weights": "clip.bin"}}, labeller=labeller)
     drop(env.inbox / "raw", {"a.png": image_bytes(1), "b.png": image_bytes(2), "b.txt": "mine"})
-    env.intake.scan()
+    now = time.time()
+    for wait in (0.0, *LABEL_RETRY_S):
+        assert not accepted(env)
+        now += wait
+        env.intake.scan(now=now)
+    assert len(calls) == LABEL_ATTEMPTS == 3
     [event] = accepted(env)
     assert [i.file for i in event.images] == ["b.png"]
     assert [(b.file, b.reason) for b in event.bad] == [
-        ("a.png", "caption missing; labelling failed (RuntimeError: weights missing)")]
+        ("a.png", "caption missing; labelling failed 3 times (RuntimeError: weights missing)")]
 
 
 def test_list_batches_statuses(env: Env) -> None:
