@@ -76,7 +76,8 @@ def test_verify_cli_exits_1_naming_the_tampered_seq(
     assert all("2" in p for p in report["problems"])
 
 
-def test_status_json_fields(write_config: Callable[..., Path]) -> None:
+def test_status_json_fields(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    Journal.for_state(tmp_path / "state").close()  # what the daemon's first start leaves
     result = CliRunner().invoke(cli, ["status", "--json", "--config", str(write_config())],
                                 catch_exceptions=False)
     info = json.loads(result.output)
@@ -87,6 +88,7 @@ def test_status_json_fields(write_config: Callable[..., Path]) -> None:
 
 def test_bad_usage_exits_2_in_one_line(write_config: Callable[..., Path], tmp_path: Path) -> None:
     config = str(write_config())
+    Journal.for_state(tmp_path / "state").close()
     out = tmp_path / "x.png"
     result = lora("sample", "v0009", "--prompt", "x", "-o", str(out), "--config", config)
     assert result.returncode == 2 and "v0009" in result.stderr

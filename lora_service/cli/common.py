@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
@@ -36,8 +36,10 @@ def json_option(func: F) -> F:
     )(func)
 
 
-def open_journal(config: Config) -> Journal:
-    return Journal.for_state(config.paths.state)
+def open_journal(config: Config, mode: Literal["read", "write"] = "write") -> Journal:
+    """The state's journal; never creates one (only the daemon and training do): no journal is
+    "no state at PATH" (exit 2). "read" works on a read-only state and never writes."""
+    return Journal.for_state(config.paths.state, mode=mode)
 
 
 def load(config_path: Path) -> Config:
@@ -53,14 +55,23 @@ def emit_json_line(data: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str | None, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
-    """A readable table for people (rich); scripts use --json."""
+def table(
+    title: str | None,
+    columns: list[str],
+    rows: Iterable[Iterable[Any]],
+    *,
+    min_width: int = 100,
+    no_wrap_first: bool = False,
+) -> None:
+    """A readable table for people (rich); scripts use --json. Every cell is literal text: a
+    caption or file name like `[/x]` is user data, never rich markup."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    grid = Table(title=title, show_lines=False)
-    for column in columns:
-        grid.add_column(column)
+    grid = Table(title=Text(title) if title else None, show_lines=False)
+    for i, column in enumerate(columns):
+        grid.add_column(Text(column), no_wrap=no_wrap_first and i == 0)
     for row in rows:
-        grid.add_row(*("" if cell is None else str(cell) for cell in row))
-    Console(width=max(100, Console().width)).print(grid)
+        grid.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
+    Console(width=max(min_width, Console().width)).print(grid)

@@ -50,7 +50,7 @@ def versions(config_path: Path, as_json: bool) -> None:
     from lora_service.versions import history
 
     config = load(config_path)
-    with open_journal(config) as journal:
+    with open_journal(config, "read") as journal:
         rows = history.version_rows(journal)
     if as_json:
         emit_json(rows)
@@ -82,17 +82,9 @@ POINTS_SHOWN = 40
 
 
 def _wide_table(title: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
-    """Like `common.table`, wide enough for the version history (the first column, the version
-    tree, never wraps; piped output gets 160 columns rather than rich's default 80)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    grid = Table(title=title)
-    for i, column in enumerate(columns):
-        grid.add_column(column, no_wrap=i == 0)
-    for row in rows:
-        grid.add_row(*("" if cell is None else str(cell) for cell in row))
-    Console(width=max(160, Console().width)).print(grid)
+    """Wide enough for the version history: the version tree never wraps, and piped output
+    gets 160 columns rather than rich's default 80."""
+    table(title, columns, rows, min_width=160, no_wrap_first=True)
 
 
 @click.command()
@@ -110,7 +102,7 @@ def loss(config_path: Path, as_json: bool, version_name: str | None, plot: Path 
     from lora_service.versions import history
 
     config = load(config_path)
-    with open_journal(config) as journal:
+    with open_journal(config, "read") as journal:
         series = history.loss_series(journal, version_name)
     if plot is not None:
         history.plot_loss(series, plot)
@@ -159,7 +151,7 @@ def audit(config_path: Path, as_json: bool, version_name: str) -> None:
     from lora_service.versions import history
 
     config = load(config_path)
-    with open_journal(config) as journal:
+    with open_journal(config, "read") as journal:
         record = history.audit_record(journal, config.paths.state, version_name)
     if as_json:
         emit_json(record)
@@ -251,7 +243,7 @@ def batches(config_path: Path, as_json: bool) -> None:
     from lora_service.inbox.queries import list_batches
 
     config = load(config_path)
-    with open_journal(config) as journal:
+    with open_journal(config, "read") as journal:
         rows = list_batches(journal)
     if as_json:
         emit_json(rows)

@@ -17,9 +17,12 @@ from lora_service.cli.common import (
     open_journal,
 )
 from lora_service.daemon.statusfile import read_status
+from lora_service.errors import ServiceError
 from lora_service.journal import Journal, queries
+from lora_service.journal.sqlite import INT64
 from lora_service.journal.verify import verify as run_verify
 from lora_service.store import StateLock
+from lora_service.versions import witness
 
 
 def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
@@ -50,7 +53,9 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
     held = journal.query(
         "SELECT version, held_reason FROM versions WHERE held = 1 ORDER BY created_seq DESC"
     )
-    last = journal.query("SELECT seq, hash, ts FROM events ORDER BY seq DESC LIMIT 1")
+    seq = journal.last_seq()
+    last = next(journal.events(since=seq - 1), None) if seq else None
+    projected = journal.projected_seq() or 0
     holder = StateLock(state_dir).holder()
     daemon = read_status(state_dir) if holder else None
     return {
@@ -69,7 +74,12 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
         "last_failure": failed[0] if failed else None,
         "next_run": daemon.get("next_run") if daemon else None,
         "daemon": {"running": holder is not None, "pid": holder, **(daemon or {})},
-        "journal": last[0] if last else {"seq": 0, "hash": None, "ts": None},
+        "journal": {"seq": seq, "hash": last.hash, "ts": last.ts} if last else
+                   {"seq": 0, "hash": None, "ts": None},
+        "problems": [] if projected == seq else [
+            f"journal: events end at seq {seq} but the projections are at seq {projected} "
+            "(rows written around the journal; `lora-service verify` says more)"
+        ],
     }
 
 
@@ -79,10 +89,12 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
 def status(config_path: Path, as_json: bool) -> None:
     """Head, running run and its step, pending batches, next scheduled run, journal position."""
     config = load(config_path)
-    with open_journal(config) as journal:
+    with open_journal(config, "read") as journal:
         info = collect_status(journal, config.paths.state)
     if as_json:
         emit_json(info)
+        if info["problems"]:
+            raise ServiceError("; ".join(info["problems"]))
         return
     head = info["head"]
     click.echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none")
@@ -106,6 +118,8 @@ def status(config_path: Path, as_json: bool) -> None:
         click.echo(f"next run:  {info['next_run']}")
     position = info["journal"]
     click.echo(f"journal:   seq {position['seq']}")
+    if info["problems"]:
+        raise ServiceError("; ".join(info["problems"]))
 
 
 def _line(stored: Any) -> str:
@@ -122,12 +136,13 @@ def _line(stored: Any) -> str:
 @click.command()
 @config_option
 @json_option
-@click.option("--since", type=click.IntRange(min=0), default=0, help="Only events after SEQ.")
+@click.option("--since", type=click.IntRange(min=0, max=INT64.stop - 1), default=0,
+              metavar="SEQ", help="Only events after SEQ.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they come.")
 def events(config_path: Path, as_json: bool, since: int, follow: bool) -> None:
     """The journal, oldest first; one JSON object a line with --json."""
     config = load(config_path)
-    with open_journal(config) as journal:
+    with open_journal(config, "read") as journal:
         position = since
         while True:
             for stored in journal.events(since=position):
@@ -144,19 +159,37 @@ def events(config_path: Path, as_json: bool, since: int, follow: bool) -> None:
 @click.command()
 @config_option
 @json_option
-def verify(config_path: Path, as_json: bool) -> None:
-    """Check the hash chain, rebuild projections and compare, check every file's sha256."""
+@click.option("--witness", "witness_flag", is_flag=True,
+              help="Also check the journal position that the PATHs (files or folders) carry.")
+@click.argument("paths", nargs=-1, metavar="[PATH]...",
+                type=click.Path(exists=True, path_type=Path))
+def verify(config_path: Path, as_json: bool, witness_flag: bool, paths: tuple[Path, ...]) -> None:
+    """Check the hash chain, rebuild projections and compare, check every file's sha256.
+
+    With --witness PATH...: published files (a version's kohya or peft .safetensors, its
+    card.json; deployed and exported copies; folders are searched) carry the journal's seq and
+    hash at publication; each must still be in the chain, so a journal tail rewritten with
+    recomputed hashes, or cut off, fails here even though the chain itself is consistent."""
+    if witness_flag != bool(paths):
+        raise click.UsageError("--witness needs one or more PATHs (files or folders)"
+                               if witness_flag else f"{paths[0]}: a PATH needs --witness")
     config = load(config_path)
-    with open_journal(config) as journal:
+    found = witness.find(paths) if paths else []
+    with open_journal(config, "read") as journal:
         report = run_verify(journal, config.paths.state)
+        for one in found:
+            report.problems += witness.check(journal, one)
+        report.witnesses = len(found)
     if as_json:
         emit_json({"ok": report.ok, "events": report.events, "files": report.files,
-                   "problems": report.problems})
+                   "witnesses": report.witnesses, "problems": report.problems})
     else:
         for problem in report.problems:
             click.echo(problem)
         verdict = "ok" if report.ok else f"FAILED: {len(report.problems)} problems"
-        click.echo(f"{verdict}: {report.events} events, {report.files} files checked")
+        checked = f"{report.events} events, {report.files} files"
+        checked += f", {report.witnesses} witnesses" if paths else ""
+        click.echo(f"{verdict}: {checked} checked")
     if not report.ok:
         click.get_current_context().exit(1)
 

@@ -31,7 +31,7 @@ def sample(config_path: Path, version_name: str, prompt: str, seed: int, output:
     from lora_service.versions.samples import render_one, write_png
 
     config = load(config_path)
-    journal = open_journal(config)
+    journal = open_journal(config, "read")
     image = render_one(journal, config, version_name, prompt, seed)
     write_png(output, image)
     click.echo(f"wrote {output} ({version_name}, seed {seed}, {image.width}x{image.height})")
@@ -58,7 +58,7 @@ def compare(config_path: Path, v1: str | None, v2: str | None, output: Path | No
     from lora_service.versions.samples import compare_sheet, default_pair, write_png
 
     config = load(config_path)
-    journal = open_journal(config)
+    journal = open_journal(config, "read")
     v1, v2 = default_pair(journal, v1, v2)
     target = output if output is not None else Path(f"compare-{v1}-{v2}.png")
     image = compare_sheet(journal, config, v1, v2)

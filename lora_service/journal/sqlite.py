@@ -7,7 +7,14 @@ Durability and concurrency choices, each for a reason:
   transaction that upgrades to a writer can fail with SQLITE_BUSY_SNAPSHOT, which no busy
   timeout fixes, while an immediate one simply waits for the write lock.
 - Projections are applied in the event's own transaction, so they are never behind or ahead.
-- Triggers refuse UPDATE and DELETE on `events`: the table is append-only even to raw SQL.
+- Triggers refuse UPDATE and DELETE on `events`, and any INSERT that is not the next seq with a
+  new hash (`INSERT OR REPLACE` deletes the row it replaces without firing DELETE triggers): the
+  table is append-only even to raw SQL. Schema 2 added the INSERT trigger; a writer that opens a
+  schema 1 journal installs it, a reader never writes.
+- Readers open `mode=ro` and never create anything: no state folder, no journal, no migration.
+  A WAL journal needs `-wal`/`-shm` files to read; a cleanly closed journal in a folder that is
+  not writable (a read-only mount) has neither and cannot create them, so it is opened
+  `immutable=1`, which is exact there: no `-wal` means no committed event outside the main file.
 - A connection belongs to the process that opened it (never shared across fork).
 """
 
@@ -19,10 +26,12 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import sqlite_utils
 
@@ -31,12 +40,41 @@ from lora_service.journal import projections
 from lora_service.journal.events import Event, decode
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: events, projections, UPDATE/DELETE triggers; 2: the INSERT trigger
 BUSY_TIMEOUT_S = 60.0
+INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
+
+Mode = Literal["create", "write", "read"]
 
 
 class JournalError(ServiceError):
-    """The journal cannot be opened or written (corrupt file, locked for too long, disk full)."""
+    """The journal cannot be opened, read or written (damaged file, locked too long, disk full)."""
+
+
+class NoJournal(JournalError):
+    """No journal where the config points, or a read-only one asked to write: the command
+    cannot start and nothing was changed, so exit 2 (bad input), like a wrong path."""
+
+    exit_code = 2
+
+
+def load_payload(text: str) -> dict[str, Any]:
+    """A stored payload, refusing what `append` never writes: text that is not JSON, and integers
+    SQLite cannot hold (rebuilding their projection would overflow). ValueError says which."""
+    try:
+        payload = json.loads(text, parse_int=_int64)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"payload is not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"payload is not a JSON object ({type(payload).__name__})")
+    return payload
+
+
+def _int64(digits: str) -> int:
+    value = int(digits)
+    if value not in INT64:
+        raise ValueError(f"payload integer {digits[:30]} is outside SQLite's 64-bit range")
+    return value
 
 
 @dataclass(frozen=True)
@@ -90,6 +128,12 @@ _EVENTS_DDL = (
     BEGIN SELECT RAISE(ABORT, 'journal events are append-only: UPDATE refused'); END""",
     """CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'journal events are append-only: DELETE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS events_append_only BEFORE INSERT ON events
+    WHEN NEW.seq IS NOT (SELECT coalesce(max(seq), 0) + 1 FROM events)
+      OR EXISTS (SELECT 1 FROM events WHERE hash = NEW.hash)
+    BEGIN
+      SELECT RAISE(ABORT, 'journal events are append-only: INSERT must be the next seq, new hash');
+    END""",
     "CREATE TABLE IF NOT EXISTS position (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER)",
 )
 
@@ -97,47 +141,79 @@ _EVENTS_DDL = (
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """An autocommit connection with the journal's pragmas (transactions are explicit)."""
     if readonly:
-        uri = f"file:{path}?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S,
-                               check_same_thread=False)
+        wal = path.with_name(path.name + "-wal")
+        flags = "mode=ro"
+        if not wal.exists() and not os.access(path.parent, os.W_OK):
+            flags += "&immutable=1"
+        conn = sqlite3.connect(f"file:{quote(str(path))}?{flags}", uri=True, isolation_level=None,
+                               timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S,
                                check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
 class Journal:
     """Append events, read them back, query projections. One object per thread that writes
-    (the daemon's main loop and its intake thread each have one); SQLite serialises them."""
+    (the daemon's main loop and its intake thread each have one); SQLite serialises them.
 
-    def __init__(self, path: Path, *, check: bool = False) -> None:
+    `mode`: "create" (the daemon and training: make the state folder and journal if missing),
+    "write" (an existing journal, e.g. `requeue`), "read" (an existing journal, never written:
+    works on a read-only state). Without a journal, "write" and "read" raise NoJournal."""
+
+    def __init__(self, path: Path, *, check: bool = False, mode: Mode = "create") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = mode == "read"
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        state = self.path.parent
+        if mode == "create":
+            try:
+                state.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                why = "not a folder" if state.exists() else exc.strerror
+                raise NoJournal(f"{state}: cannot create the state folder ({why})") from None
+        elif not self.path.is_file():
+            raise NoJournal(f"no state at {state} (no journal.sqlite; the daemon creates it)")
+        if not self.readonly and not (
+            os.access(state, os.W_OK) and (not self.path.exists() or os.access(self.path, os.W_OK))
+        ):
+            raise NoJournal(f"{state}: the state is read-only; this command writes the journal")
         try:
-            self.conn = connect(self.path)
+            self.conn = connect(self.path, readonly=self.readonly)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.path}: cannot open journal ({exc})") from None
+        try:
             if check:
                 result = self.conn.execute("PRAGMA quick_check").fetchone()[0]
                 if result != "ok":
                     raise JournalError(f"{self.path}: integrity check failed: {result}")
-            self._create()
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"{self.path}: cannot open journal ({exc})") from None
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if self.readonly and version == 0:
+                raise JournalError(f"{self.path}: not a lora-service journal (schema version 0)")
+            if not self.readonly and version < SCHEMA_VERSION:
+                self._create()
+        except BaseException as exc:
+            self.conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise JournalError(f"{self.path}: cannot open journal ({exc})") from None
+            raise
         self.db = sqlite_utils.Database(self.conn)
 
     @classmethod
-    def for_state(cls, state_dir: Path, *, check: bool = False) -> Journal:
-        return cls(Path(state_dir) / "journal.sqlite", check=check)
+    def for_state(cls, state_dir: Path, *, check: bool = False, mode: Mode = "create") -> Journal:
+        return cls(Path(state_dir) / "journal.sqlite", check=check, mode=mode)
 
     def _create(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            return
+        """Create the tables, or migrate an older journal (every statement is idempotent)."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in _EVENTS_DDL:
@@ -156,31 +232,34 @@ class Journal:
         """Append events in one transaction (all or none) and return their seqs."""
         if os.getpid() != self._pid:
             raise JournalError("a journal connection cannot be used across fork; open a new one")
+        if self.readonly:
+            raise JournalError(f"{self.path}: opened read-only; cannot append")
         if not events:
             return []
         with self._lock:
             try:
                 return self._append(events)
-            except sqlite3.OperationalError as exc:
+            except (sqlite3.DatabaseError, ValueError) as exc:
                 raise JournalError(f"{self.path}: append failed ({exc})") from None
 
     def _append(self, events: tuple[Event, ...]) -> list[int]:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = row if row else (0, GENESIS)
+            seq, prev = self._position()
             seqs = []
             for event in events:
                 seq += 1
                 ts = utc_now()
                 type_ = event.type_name()
                 payload = event.payload()
+                text = projections.canonical(payload)
+                load_payload(text)  # never store what reading refuses
                 digest = event_hash(prev, seq, ts, type_, event.SCHEMA, payload)
                 conn.execute(
                     "INSERT INTO events (seq, ts, type, schema, payload, prev_hash, hash)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (seq, ts, type_, event.SCHEMA, projections.canonical(payload), prev, digest),
+                    (seq, ts, type_, event.SCHEMA, text, prev, digest),
                 )
                 projections.apply(conn, projections.changes(seq, ts, event))
                 prev = digest
@@ -194,10 +273,45 @@ class Journal:
         return seqs
 
     # -- reading -----------------------------------------------------------------------------
+    # A damaged file (bytes over a page, a row written with raw SQL) is a JournalError naming
+    # the journal and what SQLite or the payload check said, never a traceback.
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(
+                f"{self.path}: cannot read the journal ({exc}); `lora-service verify` says more"
+            ) from None
+
+    def _position(self) -> tuple[int, str]:
+        row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    def position(self) -> tuple[int, str]:
+        """(seq, hash) of the last event; (0, GENESIS) for an empty journal."""
+        with self._reading():
+            return self._position()
 
     def last_seq(self) -> int:
-        row = self.conn.execute("SELECT max(seq) FROM events").fetchone()
-        return row[0] or 0
+        return self.position()[0]
+
+    def hash_at(self, seq: int) -> str | None:
+        """The hash of event `seq` (GENESIS for 0), None when the journal has no such event."""
+        if seq == 0:
+            return GENESIS
+        if seq not in INT64:
+            return None
+        with self._reading():
+            row = self.conn.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row else None
+
+    def projected_seq(self) -> int | None:
+        """The seq the projection tables are at; equal to `last_seq` unless raw SQL wrote."""
+        with self._reading():
+            row = self.conn.execute("SELECT seq FROM position WHERE id = 1").fetchone()
+        return row[0] if row else None
 
     def events(self, since: int = 0, types: tuple[str, ...] = ()) -> Iterator[StoredEvent]:
         """Events with seq > since, in order."""
@@ -206,13 +320,19 @@ class Journal:
         if types:
             sql += f" AND type IN ({', '.join('?' for _ in types)})"
             params += types
-        for seq, ts, type_, schema, payload, prev, digest in self.conn.execute(
-            sql + " ORDER BY seq", params
-        ):
-            yield StoredEvent(seq, ts, type_, schema, json.loads(payload), prev, digest)
+        with self._reading():
+            for seq, ts, type_, schema, text, prev, digest in self.conn.execute(
+                sql + " ORDER BY seq", params
+            ):
+                try:
+                    payload = load_payload(text)
+                except ValueError as exc:
+                    raise JournalError(f"{self.path}: event seq {seq}: {exc}") from None
+                yield StoredEvent(seq, ts, type_, schema, payload, prev, digest)
 
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        return list(self.db.query(sql, params))
+        with self._reading():
+            return list(self.db.query(sql, params))
 
     def close(self) -> None:
         self.conn.close()

@@ -6,13 +6,17 @@ It checks three things and reports each problem precisely:
 2. the projections: every table rebuilt from the events alone equals the live table;
 3. the files: every file an event recorded (and no later event released) exists with its sha256.
 
-What it does not prove: that the newest events were not cut off the end together (a chain has no
-witness of its own length), or that files the journal never referenced are sound.
+A damaged file (bytes over a page, rows written with raw SQL) is a problem in the report, never
+an exception: SQLite's `integrity_check`, then whatever each check could not read.
+
+What it does not prove alone: that the newest events were not cut off the end, or rewritten with
+recomputed hashes (a chain has no witness of its own); `verify --witness` checks the journal
+position that published files carry (`lora_service.versions.witness`). Nor that files the
+journal never referenced are sound.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +25,7 @@ from pydantic import ValidationError
 
 from lora_service.journal import projections
 from lora_service.journal.events import decode
-from lora_service.journal.sqlite import GENESIS, Journal, event_hash
+from lora_service.journal.sqlite import GENESIS, Journal, JournalError, event_hash, load_payload
 from lora_service.store import sha256_file
 
 
@@ -29,6 +33,7 @@ from lora_service.store import sha256_file
 class Report:
     events: int = 0
     files: int = 0
+    witnesses: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -36,56 +41,60 @@ class Report:
         return not self.problems
 
 
+EVENT_ROWS = "SELECT seq, ts, type, schema, payload, prev_hash, hash FROM events ORDER BY seq"
+
+
 def rebuild(journal: Journal) -> sqlite3.Connection:
-    """Replay every event into a fresh in-memory database of projection tables."""
+    """Replay every readable event into a fresh in-memory database of projection tables (an
+    unreadable one is skipped here and reported by the chain check)."""
     memory = sqlite3.connect(":memory:", isolation_level=None)
     projections.create_tables(memory)
     memory.execute("BEGIN")
-    for stored in journal.events():
-        try:
-            event = stored.event
-        except (KeyError, ValidationError):
-            continue  # reported by the chain check
-        projections.apply(memory, projections.changes(stored.seq, stored.ts, event))
+    try:
+        for seq, ts, type_, _schema, text, _prev, _digest in journal.conn.execute(EVENT_ROWS):
+            try:
+                event = decode(type_, load_payload(text))
+                projections.apply(memory, projections.changes(seq, ts, event))
+            except (KeyError, ValueError, ValidationError, OverflowError):
+                continue
+    except sqlite3.DatabaseError:
+        pass  # a damaged page: the chain check names where reading stopped
     memory.execute("COMMIT")
     return memory
 
 
 def check_chain(journal: Journal, report: Report) -> None:
     prev, expected = GENESIS, 1
-    rows = journal.conn.execute(
-        "SELECT seq, ts, type, schema, payload, prev_hash, hash FROM events ORDER BY seq"
-    )
-    for seq, ts, type_, schema, text, prev_hash, digest in rows:
-        report.events += 1
-        if seq != expected:
-            report.problems.append(f"event seq {seq}: expected seq {expected} (events missing)")
-        expected = seq + 1
-        if prev_hash != prev:
-            report.problems.append(f"event seq {seq}: prev_hash does not match event {seq - 1}")
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError:
-            report.problems.append(f"event seq {seq}: payload is not valid JSON")
+    try:
+        for seq, ts, type_, schema, text, prev_hash, digest in journal.conn.execute(EVENT_ROWS):
+            report.events += 1
+            if seq != expected:
+                report.problems.append(f"event seq {seq}: expected seq {expected} (events missing)")
+            expected = seq + 1
+            if prev_hash != prev:
+                report.problems.append(f"event seq {seq}: prev_hash does not match event {seq - 1}")
             prev = digest
-            continue
-        if event_hash(prev_hash, seq, ts, type_, schema, payload) != digest:
-            report.problems.append(f"event seq {seq} ({type_}): hash mismatch (event changed)")
-        try:
-            decode(type_, payload)
-        except KeyError:
-            report.problems.append(f"event seq {seq}: unknown event type {type_!r}")
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            report.problems.append(f"event seq {seq} ({type_}): bad payload at {where}")
-        prev = digest
-    position = journal.conn.execute("SELECT seq FROM position WHERE id = 1").fetchone()
-    if report.events and (position is None or position[0] != expected - 1):
-        report.problems.append(
-            f"projection position is {position[0] if position else None}, journal ends at "
-            f"{expected - 1}"
-        )
+            try:
+                payload = load_payload(text)
+            except ValueError as exc:
+                report.problems.append(f"event seq {seq}: {exc}")
+                continue
+            if event_hash(prev_hash, seq, ts, type_, schema, payload) != digest:
+                report.problems.append(f"event seq {seq} ({type_}): hash mismatch (event changed)")
+            try:
+                decode(type_, payload)
+            except KeyError:
+                report.problems.append(f"event seq {seq}: unknown event type {type_!r}")
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                report.problems.append(f"event seq {seq} ({type_}): bad payload at {where}")
+    except sqlite3.DatabaseError as exc:
+        report.problems.append(f"events after seq {expected - 1} cannot be read ({exc})")
+        return
+    position = journal.projected_seq()
+    if report.events and position != expected - 1:
+        report.problems.append(f"projection position is {position}, journal ends at {expected - 1}")
 
 
 def check_projections(journal: Journal, rebuilt: sqlite3.Connection, report: Report) -> None:
@@ -114,19 +123,32 @@ def check_files(state_dir: Path, rebuilt: sqlite3.Connection, report: Report) ->
         full = state_dir / path
         if not full.is_file():
             report.problems.append(f"file {path}: missing (recorded by event seq {seq})")
-        elif sha256_file(full) != sha:
-            report.problems.append(f"file {path}: sha256 differs from event seq {seq}")
+            continue
+        try:
+            if sha256_file(full) != sha:
+                report.problems.append(f"file {path}: sha256 differs from event seq {seq}")
+        except OSError as exc:
+            report.problems.append(f"file {path}: cannot be read ({exc.strerror})")
 
 
 def verify(journal: Journal, state_dir: Path) -> Report:
     report = Report()
-    integrity = journal.conn.execute("PRAGMA integrity_check").fetchone()[0]
-    if integrity != "ok":
-        report.problems.append(f"sqlite integrity_check: {integrity}")
-    check_chain(journal, report)
+    try:
+        damage = [row[0] for row in journal.conn.execute("PRAGMA integrity_check(20)")]
+    except sqlite3.DatabaseError as exc:
+        damage = [str(exc)]
+    if damage != ["ok"]:
+        report.problems.append(f"sqlite integrity_check: {'; '.join(damage)}")
+    try:
+        check_chain(journal, report)
+    except JournalError as exc:  # the position row
+        report.problems.append(str(exc))
     rebuilt = rebuild(journal)
     try:
-        check_projections(journal, rebuilt, report)
+        try:
+            check_projections(journal, rebuilt, report)
+        except sqlite3.DatabaseError as exc:
+            report.problems.append(f"projection tables cannot be read ({exc})")
         check_files(state_dir, rebuilt, report)
     finally:
         rebuilt.close()

@@ -8,7 +8,8 @@ Two formats, both safetensors:
 - **peft layout** (`write_peft`/`load_peft_into`), what incremental runs start from. A folder:
   - `adapter_model.safetensors`: the LoRA tensors exactly as trained (fp32 on CPU), keyed the
     way `PeftModel.save_pretrained` keys them, `base_model.model.<module>.lora_A.weight` /
-    `.lora_B.weight` (no adapter name), with safetensors metadata `{"format": "pt"}`;
+    `.lora_B.weight` (no adapter name), with safetensors metadata `{"format": "pt"}` (plus a
+    published version's journal witness, `lora_service.versions.witness`);
   - `adapter_config.json`: the `LoraConfig` (`r`, `lora_alpha`, `target_modules`, …), sorted
     JSON, readable by `LoraConfig.from_pretrained`;
   - `text_encoder/` with the same two files when the text encoder was trained.
@@ -82,9 +83,9 @@ def _config_json(config: LoraConfig) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _write_one(folder: Path, model: torch.nn.Module) -> dict[str, str]:
+def _write_one(folder: Path, model: torch.nn.Module, metadata: dict[str, str]) -> dict[str, str]:
     state = {PEFT_PREFIX + k: v for k, v in peft_state_dict(model).items()}
-    weights = safetensors.torch.save(state, metadata={"format": "pt"})
+    weights = safetensors.torch.save(state, metadata={"format": "pt", **metadata})
     return {
         ADAPTER_WEIGHTS: atomic_write_bytes(folder / ADAPTER_WEIGHTS, weights),
         ADAPTER_CONFIG: atomic_write_bytes(
@@ -94,17 +95,23 @@ def _write_one(folder: Path, model: torch.nn.Module) -> dict[str, str]:
 
 
 def write_peft(
-    folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
+    folder: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Write the peft layout (see the module docstring) and return {path in folder: sha256}.
 
-    Each file is written atomically; callers that need the whole folder to appear at once build
-    it under a temporary name and rename it (`publish_version` does)."""
+    `metadata` joins `format` in each weights file's safetensors metadata (a published version
+    puts its journal witness there, `versions.witness`). Each file is written atomically;
+    callers that need the whole folder to appear at once build it under a temporary name and
+    rename it (`publish_version` does)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = _write_one(folder, unet)
+    metadata = metadata or {}
+    files = _write_one(folder, unet, metadata)
     if text_encoder is not None and _has_adapter(text_encoder):
-        for name, sha in _write_one(folder / TEXT_ENCODER_DIR, text_encoder).items():
+        for name, sha in _write_one(folder / TEXT_ENCODER_DIR, text_encoder, metadata).items():
             files[f"{TEXT_ENCODER_DIR}/{name}"] = sha
     return files
 

@@ -13,6 +13,9 @@ temporary sibling name (`.vNNNN.tmp-<pid>`), every file fsynced, then renamed. I
 - `card.json`: the version's record (parent, batches, images, steps, losses, effective
   config, seed, base sha256, the other files' sha256, the image manifest).
 
+Each of them carries the journal witness (`versions.witness`): the seq and hash of the last
+event before the version was decided, which `verify --witness` checks against the chain.
+
 The journal then gets `VersionCreated` (its `files` holds every file's sha256) and, in the
 same transaction, the gate's verdict: `HeadMoved(by="promotion")` or `VersionHeld`.
 
@@ -39,6 +42,7 @@ from lora_service.journal.events import HeadMoved, VersionCreated, VersionExport
 from lora_service.journal.sqlite import utc_now
 from lora_service.logs import get_logger
 from lora_service.store import atomic_copy, atomic_writer, fsync_dir, fsync_tree, sha256_file
+from lora_service.versions import witness
 from lora_service.versions.gate import decide
 from lora_service.versions.verify import kohya_file, verify_version_files, version_dir
 
@@ -177,11 +181,15 @@ def publish_version(
     if parent is not None:
         parent_row = version_row(journal, parent)
         parent_sha = version_files(parent_row).get(kohya_file(parent, version_files(parent_row)))
-    last = _one(journal, "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1", ())
+    # the witness: the position this version is decided on (its VersionCreated, which records
+    # these files' sha256, cannot be in them)
+    last_seq, last_hash = journal.position()
     kohya = kohya_name(config, version)
 
     try:
-        adapter_files = export.write_peft(tmp / ADAPTER_DIR, unet, text_encoder)
+        adapter_files = export.write_peft(
+            tmp / ADAPTER_DIR, unet, text_encoder, witness.metadata(version, last_seq, last_hash)
+        )
         te_state = None
         if text_encoder is not None and getattr(text_encoder, "peft_config", None):
             te_state = export.peft_state_dict(text_encoder)
@@ -209,8 +217,8 @@ def publish_version(
             manifest=manifest,
             started_at=started_at,
             finished_at=finished_at,
-            journal_seq=last["seq"] if last else 0,
-            journal_hash=last["hash"] if last else "",
+            journal_seq=last_seq,
+            journal_hash=last_hash,
             text_encoder=te_state is not None,
         )
         files = {f"{ADAPTER_DIR}/{k}": v for k, v in adapter_files.items()}
@@ -244,8 +252,8 @@ def publish_version(
             "started_at": started_at,
             "finished_at": finished_at,
             "created_at": utc_now(),
-            "journal_seq": last["seq"] if last else 0,
-            "journal_hash": last["hash"] if last else "",
+            "journal_seq": last_seq,
+            "journal_hash": last_hash,
         }
         files[CARD] = _write_json(tmp / CARD, card)
         fsync_tree(tmp)

@@ -176,6 +176,7 @@ def test_export_kohya_and_peft(scenario_copy: Scenario, tmp_path: Path) -> None:
 
 def test_an_empty_history(write_config: Callable[..., Path], tmp_path: Path) -> None:
     config = write_config()
+    Journal.for_state(tmp_path / "state").close()  # what the daemon's first start leaves
     assert lora_json("versions", config=config) == []
     series = lora_json("loss", config=config)
     assert series == {"version": None, "lineage": [], "versions": [], "points": []}
