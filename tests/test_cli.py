@@ -72,8 +72,10 @@ def test_verify_cli_exits_1_naming_the_tampered_seq(
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["ok"] is False
-    assert report["problems"][0] == "event seq 2 (BatchDetected): hash mismatch (event changed)"
-    assert all("2" in p for p in report["problems"])
+    assert report["problems"][0] == (
+        "schema: trigger events_no_update is missing (raw SQL can change events)")
+    assert report["problems"][1] == "event seq 2 (BatchDetected): hash mismatch (event changed)"
+    assert all("2" in p for p in report["problems"][2:])
 
 
 def test_status_json_fields(write_config: Callable[..., Path], tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import click
 
 from lora_service import __version__
 from lora_service.cli import daemon, history, journal, media
+from lora_service.cli.common import echo
 from lora_service.errors import ServiceError
 
 
@@ -33,10 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"lora-service: {exc.format_message()}", err=True)
+        echo(f"lora-service: {exc.format_message()}", err=True)
         sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
     except ServiceError as exc:
-        click.echo(f"lora-service: {exc}", err=True)
+        echo(f"lora-service: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

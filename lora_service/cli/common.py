@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -46,6 +47,21 @@ def load(config_path: Path) -> Config:
     return load_config(config_path)
 
 
+# C0 and C1 control characters (tab and newline kept): a file name can carry ESC sequences that
+# retitle, erase or move the operator's terminal; they are shown escaped, never sent.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters as `\\xNN`: what users control reaches a terminal inert."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """click.echo for text that may hold user data (names, captions, reasons)."""
+    click.echo(printable(text), err=err)
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -69,9 +85,9 @@ def table(
     from rich.table import Table
     from rich.text import Text
 
-    grid = Table(title=Text(title) if title else None, show_lines=False)
+    grid = Table(title=Text(printable(title)) if title else None, show_lines=False)
     for i, column in enumerate(columns):
         grid.add_column(Text(column), no_wrap=no_wrap_first and i == 0)
     for row in rows:
-        grid.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
+        grid.add_row(*(Text(printable("" if cell is None else str(cell))) for cell in row))
     Console(width=max(min_width, Console().width)).print(grid)

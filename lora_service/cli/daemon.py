@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lora_service.cli.common import config_option, load, open_journal
+from lora_service.cli.common import config_option, echo, load, open_journal
 from lora_service.journal import events as ev
 from lora_service.store import StateLock
 
@@ -33,7 +33,7 @@ def train_now(config_path: Path, fresh: bool) -> None:
             (seq,) = journal.append(
                 ev.TrainingRequested(fresh=fresh, reason="manual", pid=os.getpid())
             )
-        click.echo(f"asked the running daemon for a run (TrainingRequested, seq {seq})")
+        echo(f"asked the running daemon for a run (TrainingRequested, seq {seq})")
         return
     from lora_service.training.foreground import train_now as foreground
 

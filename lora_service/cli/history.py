@@ -10,6 +10,7 @@ import click
 
 from lora_service.cli.common import (
     config_option,
+    echo,
     emit_json,
     json_option,
     load,
@@ -135,7 +136,7 @@ def loss(config_path: Path, as_json: bool, version_name: str | None, plot: Path 
          for p in shown],
     )
     if plot is not None:
-        click.echo(f"wrote {plot}")
+        echo(f"wrote {plot}")
 
 
 @click.command()
@@ -168,34 +169,34 @@ def audit(config_path: Path, as_json: bool, version_name: str) -> None:
 def _print_audit(record: dict[str, Any]) -> None:
     base = record["base_model"]
     chain = " -> ".join([*(v["version"] for v in record["lineage"]), "base"])
-    click.echo(f"audit of {record['version']} (head: {record['head'] or '-'})")
-    click.echo(f"lineage: {chain}")
-    click.echo(f"base model: {base['spec']} sha256 {base['sha256']} (seq {base['seq']})")
+    echo(f"audit of {record['version']} (head: {record['head'] or '-'})")
+    echo(f"lineage: {chain}")
+    echo(f"base model: {base['spec']} sha256 {base['sha256']} (seq {base['seq']})")
     for v in record["lineage"]:
-        click.echo("")
-        click.echo(
+        echo("")
+        echo(
             f"{v['version']}: parent {v['parent'] or 'base'}, run {v['run_id']}, step "
             f"{v['step']} (+{v['steps']}), seed {v['seed']}, lr {v['learning_rate']}, "
             f"train loss {_loss(v['train_loss'])}, val loss {_loss(v['val_loss'])}"
         )
         for rel, sha in sorted(v["files"].items()):
-            click.echo(f"  file {rel} {sha}")
+            echo(f"  file {rel} {sha}")
         for batch in v["batches"]:
             kind = "new" if batch["new"] else "rehearsal"
-            click.echo(f"  batch {batch['batch_id']} ({batch['name']}, {kind}, accepted at "
+            echo(f"  batch {batch['batch_id']} ({batch['name']}, {kind}, accepted at "
                        f"seq {batch['accepted_seq']})")
             for image in batch["images"]:
-                click.echo(f"    {image['file']} {image['sha256']} "
+                echo(f"    {image['file']} {image['sha256']} "
                            f"[{image['caption_source']}] {image['caption']!r}")
         for event in v["events"]:
-            click.echo(f"  event {event['seq']} {event['type']} {event['hash'][:16]}")
-    click.echo("")
-    click.echo("effective config: " + json.dumps(record["config"], sort_keys=True))
+            echo(f"  event {event['seq']} {event['type']} {event['hash'][:16]}")
+    echo("")
+    echo("effective config: " + json.dumps(record["config"], sort_keys=True))
     check = record["verification"]
     verdict = "ok" if check["ok"] else f"FAILED ({len(check['problems'])} problem(s))"
-    click.echo(f"verification: {check['checked']} files, {verdict}")
+    echo(f"verification: {check['checked']} files, {verdict}")
     for problem in check["problems"]:
-        click.echo(f"  {problem}")
+        echo(f"  {problem}")
 
 
 @click.command()
@@ -214,9 +215,9 @@ def rollback(config_path: Path, version_name: str, reason: str) -> None:
         previous = queries.head_version(journal)
         move_head(journal, config, version_name, reason=reason, by="rollback")
         out = [b for b, s in queries.batch_states(journal).items() if s.status == "out of lineage"]
-    click.echo(f"head: {previous or '-'} -> {version_name}")
+    echo(f"head: {previous or '-'} -> {version_name}")
     if out:
-        click.echo(f"out of the lineage now (requeue to train again): {', '.join(out)}")
+        echo(f"out of the lineage now (requeue to train again): {', '.join(out)}")
 
 
 @click.command()
@@ -232,7 +233,7 @@ def promote(config_path: Path, version_name: str, reason: str) -> None:
     with open_journal(config) as journal:
         previous = queries.head_version(journal)
         move_head(journal, config, version_name, reason=reason, by="promote")
-    click.echo(f"head: {previous or '-'} -> {version_name}")
+    echo(f"head: {previous or '-'} -> {version_name}")
 
 
 @click.command()
@@ -285,7 +286,7 @@ def requeue(config_path: Path, batch_id: str, reason: str) -> None:
                 "the lineage (after a rollback) or held can be requeued"
             )
         journal.append(ev.BatchRequeued(batch_id=batch_id, reason=reason))
-    click.echo(f"requeued {batch_id}: it joins the next run")
+    echo(f"requeued {batch_id}: it joins the next run")
 
 
 @click.command()
@@ -308,7 +309,7 @@ def export(config_path: Path, version_name: str, fmt: str, output: Path, force: 
             journal, config, version_name, "peft" if fmt == "peft" else "kohya", output,
             force=force,
         )
-    click.echo(f"wrote {target}")
+    echo(f"wrote {target}")
 
 
 COMMANDS = [versions, loss, audit, rollback, promote, batches, requeue, export]

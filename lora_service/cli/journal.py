@@ -10,6 +10,7 @@ import click
 
 from lora_service.cli.common import (
     config_option,
+    echo,
     emit_json,
     emit_json_line,
     json_option,
@@ -97,27 +98,27 @@ def status(config_path: Path, as_json: bool) -> None:
             raise ServiceError("; ".join(info["problems"]))
         return
     head = info["head"]
-    click.echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none")
+    echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none")
     run = info["running"]
     if run:
         eta = f", ETA {run['eta_seconds']:.0f}s" if run.get("eta_seconds") is not None else ""
-        click.echo(f"running:   {run['run_id']} step {run['step']} ({run['progress']}){eta}")
+        echo(f"running:   {run['run_id']} step {run['step']} ({run['progress']}){eta}")
     else:
-        click.echo("running:   nothing")
+        echo("running:   nothing")
     pending = info["pending"]
-    click.echo(f"pending:   {len(pending['batches'])} batches, {pending['images']} images")
+    echo(f"pending:   {len(pending['batches'])} batches, {pending['images']} images")
     for held in info["held"]:
-        click.echo(f"held:      {held['version']}: {held['reason']}")
+        echo(f"held:      {held['version']}: {held['reason']}")
     failure = info["last_failure"]
     if failure:
-        click.echo(f"failure:   {failure['run_id']}: {failure['last_error']}")
+        echo(f"failure:   {failure['run_id']}: {failure['last_error']}")
     daemon = info["daemon"]
     running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
-    click.echo(f"daemon:    {running}")
+    echo(f"daemon:    {running}")
     if info["next_run"]:
-        click.echo(f"next run:  {info['next_run']}")
+        echo(f"next run:  {info['next_run']}")
     position = info["journal"]
-    click.echo(f"journal:   seq {position['seq']}")
+    echo(f"journal:   seq {position['seq']}")
     if info["problems"]:
         raise ServiceError("; ".join(info["problems"]))
 
@@ -149,7 +150,7 @@ def events(config_path: Path, as_json: bool, since: int, follow: bool) -> None:
                 if as_json:
                     emit_json_line(stored.as_json())
                 else:
-                    click.echo(_line(stored))
+                    echo(_line(stored))
                 position = stored.seq
             if not follow:
                 return
@@ -164,7 +165,8 @@ def events(config_path: Path, as_json: bool, since: int, follow: bool) -> None:
 @click.argument("paths", nargs=-1, metavar="[PATH]...",
                 type=click.Path(exists=True, path_type=Path))
 def verify(config_path: Path, as_json: bool, witness_flag: bool, paths: tuple[Path, ...]) -> None:
-    """Check the hash chain, rebuild projections and compare, check every file's sha256.
+    """Check the schema's append-only triggers, the hash chain, projections against their
+    rebuild, and every file's sha256.
 
     With --witness PATH...: published files (a version's kohya or peft .safetensors, its
     card.json; deployed and exported copies; folders are searched) carry the journal's seq and
@@ -185,11 +187,11 @@ def verify(config_path: Path, as_json: bool, witness_flag: bool, paths: tuple[Pa
                    "witnesses": report.witnesses, "problems": report.problems})
     else:
         for problem in report.problems:
-            click.echo(problem)
+            echo(problem)
         verdict = "ok" if report.ok else f"FAILED: {len(report.problems)} problems"
         checked = f"{report.events} events, {report.files} files"
         checked += f", {report.witnesses} witnesses" if paths else ""
-        click.echo(f"{verdict}: {checked} checked")
+        echo(f"{verdict}: {checked} checked")
     if not report.ok:
         click.get_current_context().exit(1)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lora_service.cli.common import config_option, load, open_journal
+from lora_service.cli.common import config_option, echo, load, open_journal
 
 
 @click.command()
@@ -34,7 +34,7 @@ def sample(config_path: Path, version_name: str, prompt: str, seed: int, output:
     journal = open_journal(config, "read")
     image = render_one(journal, config, version_name, prompt, seed)
     write_png(output, image)
-    click.echo(f"wrote {output} ({version_name}, seed {seed}, {image.width}x{image.height})")
+    echo(f"wrote {output} ({version_name}, seed {seed}, {image.width}x{image.height})")
 
 
 @click.command()
@@ -63,7 +63,7 @@ def compare(config_path: Path, v1: str | None, v2: str | None, output: Path | No
     target = output if output is not None else Path(f"compare-{v1}-{v2}.png")
     image = compare_sheet(journal, config, v1, v2)
     write_png(target, image)
-    click.echo(f"wrote {target} ({v1} | {v2}, {image.width}x{image.height})")
+    echo(f"wrote {target} ({v1} | {v2}, {image.width}x{image.height})")
 
 
 @click.command()
@@ -87,8 +87,8 @@ def label(config_path: Path, directory: Path) -> None:
     )
     written = label_folder(directory, labeller, config.inbox.allowed_extensions)
     for name, caption in sorted(written.items()):
-        click.echo(f"{name}: {caption if caption is not None else 'not readable, skipped'}")
-    click.echo(f"{sum(c is not None for c in written.values())} caption(s) written in {directory}")
+        echo(f"{name}: {caption if caption is not None else 'not readable, skipped'}")
+    echo(f"{sum(c is not None for c in written.values())} caption(s) written in {directory}")
 
 
 COMMANDS = [sample, compare, label]

@@ -10,11 +10,22 @@ Durability and concurrency choices, each for a reason:
 - Triggers refuse UPDATE and DELETE on `events`, and any INSERT that is not the next seq with a
   new hash (`INSERT OR REPLACE` deletes the row it replaces without firing DELETE triggers): the
   table is append-only even to raw SQL. Schema 2 added the INSERT trigger; a writer that opens a
-  schema 1 journal installs it, a reader never writes.
-- Readers open `mode=ro` and never create anything: no state folder, no journal, no migration.
-  A WAL journal needs `-wal`/`-shm` files to read; a cleanly closed journal in a folder that is
-  not writable (a read-only mount) has neither and cannot create them, so it is opened
-  `immutable=1`, which is exact there: no `-wal` means no committed event outside the main file.
+  schema 1 journal installs it, a reader never writes. Raw SQL can drop a trigger too, leaving
+  every hash valid: `verify` checks the triggers' SQL and the schema version (`schema_problems`).
+- Readers open `mode=ro`: they never create the state folder or the journal, never migrate,
+  never write a byte of it. SQLite reads a WAL journal through its own companion files,
+  `journal.sqlite-wal` and `-shm` (the log and its index, no state of ours): in a writable
+  folder it creates them when missing and, a reader being unable to checkpoint, leaves them
+  after close (the WAL empty); the next writer uses and removes them (run as root, SQLite gives
+  them the journal's owner). A folder the reader cannot write (a read-only mount, a copy) cannot
+  get them, and `mode=ro` alone fails there ("unable to open database file"):
+  - no `-wal`: opened `immutable=1`, exact: every committed event is in the main file;
+  - a `-wal` but no `-shm` (copied while the daemon ran): opened on the lock-free `unix-none`
+    VFS in `locking_mode=EXCLUSIVE`, where SQLite keeps the WAL index in private memory instead
+    of `-shm`: exact, the committed WAL content is read (`immutable=1` would silently skip it).
+  Both assume nobody writes the journal while it is read that way, true of a mount or a copy
+  nobody can write; a daemon that another user starts on that folder meanwhile goes unseen, or
+  (with a `-wal`) can make the read fail as damage: run it again.
 - A connection belongs to the process that opened it (never shared across fork).
 """
 
@@ -140,17 +151,23 @@ _EVENTS_DDL = (
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """An autocommit connection with the journal's pragmas (transactions are explicit)."""
+    exclusive = False
     if readonly:
-        wal = path.with_name(path.name + "-wal")
         flags = "mode=ro"
-        if not wal.exists() and not os.access(path.parent, os.W_OK):
-            flags += "&immutable=1"
+        if not os.access(path.parent, os.W_OK):
+            if not path.with_name(path.name + "-wal").exists():
+                flags += "&immutable=1"
+            elif not path.with_name(path.name + "-shm").exists():
+                flags += "&vfs=unix-none"
+                exclusive = True
         conn = sqlite3.connect(f"file:{quote(str(path))}?{flags}", uri=True, isolation_level=None,
                                timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S,
                                check_same_thread=False)
     try:
+        if exclusive:  # before the first read: the WAL index then lives in this process's heap
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -159,6 +176,44 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _expected_schema() -> dict[tuple[str, str], str]:
+    """(type, name) -> SQL, as SQLite stores `_EVENTS_DDL` (it drops `IF NOT EXISTS`)."""
+    memory = sqlite3.connect(":memory:")
+    try:
+        for statement in _EVENTS_DDL:
+            memory.execute(statement)
+        rows = memory.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+        return {(type_, name): sql for type_, name, sql in rows}
+    finally:
+        memory.close()
+
+
+def schema_problems(conn: sqlite3.Connection) -> list[str]:
+    """What differs from the schema that makes `events` append-only: its tables and triggers,
+    each with the SQL lora-service creates, no other trigger, and user_version. Raw SQL can drop
+    a trigger and leave every hash valid, so the chain check alone never notices.
+    sqlite3.DatabaseError when the schema cannot be read."""
+    live = {(type_, name): (table, sql) for type_, name, table, sql in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type IN ('table', 'trigger')"
+    )}
+    expected = _expected_schema()
+    problems = []
+    for (type_, name), sql in expected.items():
+        if (type_, name) not in live:
+            problems.append(f"schema: {type_} {name} is missing" + (
+                " (raw SQL can change events)" if type_ == "trigger" else ""))
+        elif live[type_, name][1] != sql:
+            problems.append(f"schema: {type_} {name} is not the one lora-service creates")
+    for (type_, name), (table, _sql) in sorted(live.items()):
+        if type_ == "trigger" and (type_, name) not in expected:
+            problems.append(f"schema: unexpected trigger {name!r} on {table!r}")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        problems.append(f"schema: version {version}, expected {SCHEMA_VERSION} (the daemon "
+                        "upgrades an older journal when it starts)")
+    return problems
 
 
 class Journal:

@@ -1,6 +1,8 @@
 """`verify`: prove the journal and the files it points at are what was recorded.
 
-It checks three things and reports each problem precisely:
+It checks four things and reports each problem precisely:
+0. the schema: the triggers that make `events` append-only, unchanged, and the schema version
+   (dropping a trigger is raw SQL that leaves every hash valid);
 1. the hash chain: seqs contiguous from 1, each prev_hash the previous hash, each hash
    recomputed from the stored event, each payload decodable as its type;
 2. the projections: every table rebuilt from the events alone equals the live table;
@@ -25,7 +27,14 @@ from pydantic import ValidationError
 
 from lora_service.journal import projections
 from lora_service.journal.events import decode
-from lora_service.journal.sqlite import GENESIS, Journal, JournalError, event_hash, load_payload
+from lora_service.journal.sqlite import (
+    GENESIS,
+    Journal,
+    JournalError,
+    event_hash,
+    load_payload,
+    schema_problems,
+)
 from lora_service.store import sha256_file
 
 
@@ -139,6 +148,10 @@ def verify(journal: Journal, state_dir: Path) -> Report:
         damage = [str(exc)]
     if damage != ["ok"]:
         report.problems.append(f"sqlite integrity_check: {'; '.join(damage)}")
+    try:
+        report.problems += schema_problems(journal.conn)
+    except sqlite3.DatabaseError as exc:
+        report.problems.append(f"schema cannot be read ({exc})")
     try:
         check_chain(journal, report)
     except JournalError as exc:  # the position row

@@ -8,6 +8,8 @@ needs mount privileges and is skipped without them; the chmod variant covers non
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -137,3 +139,58 @@ def test_events_since_past_sqlite_integers_is_bad_usage(
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert "--since" in result.stderr and "0<=x<=9223372036854775807" in result.stderr
+
+
+def _copy_with_wal_only(state: Path, copy: Path) -> int:
+    """What a copy of a running daemon's state holds: journal.sqlite and its -wal (the newest
+    event only there), no -shm. Returns the events it holds."""
+    _journal(state)
+    copy.mkdir()
+    with Journal.for_state(state) as writer:
+        writer.append(ev.BatchDetected(name="three"))
+        for name in ("journal.sqlite", "journal.sqlite-wal"):
+            shutil.copy(state / name, copy / name)
+    main_only = sqlite3.connect(f"file:{copy / 'journal.sqlite'}?mode=ro&immutable=1", uri=True)
+    assert main_only.execute("SELECT count(*) FROM events").fetchone()[0] == 2
+    main_only.close()
+    return 3
+
+
+def test_reads_on_a_read_only_copy_with_a_wal_and_no_shm_see_every_event(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The -shm a WAL reader needs cannot be created on a read-only mount; the reads still see
+    the events that are only in the -wal (exact, not the main file alone), and create nothing."""
+    seqs = _copy_with_wal_only(tmp_path / "state", tmp_path / "copy")
+    with read_only_mount(tmp_path / "copy", tmp_path / "ro") as ro:
+        config = write_config({"paths": {"state": str(ro)}})
+        _reads_see(config, seqs)
+        assert sorted(p.name for p in ro.iterdir()) == ["journal.sqlite", "journal.sqlite-wal"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file modes (the mount test covers it)")
+def test_reads_on_an_unwritable_copy_with_a_wal_and_no_shm_see_every_event(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    seqs = _copy_with_wal_only(tmp_path / "state", copy)
+    copy.chmod(0o555)
+    try:
+        _reads_see(write_config({"paths": {"state": str(copy)}}), seqs)
+    finally:
+        copy.chmod(0o755)
+
+
+def test_a_read_in_a_writable_folder_leaves_only_sqlites_own_files(tmp_path: Path) -> None:
+    """What the docstring promises: the journal's bytes unchanged; SQLite's -wal (empty) and
+    -shm may stay, they hold no state."""
+    state = tmp_path / "state"
+    _journal(state)
+    before = (state / "journal.sqlite").read_bytes()
+    with Journal.for_state(state, mode="read") as journal:
+        assert journal.last_seq() == 2
+    assert (state / "journal.sqlite").read_bytes() == before
+    assert {p.name for p in state.iterdir()} <= {
+        "journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"}
+    wal = state / "journal.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0

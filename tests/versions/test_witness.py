@@ -5,6 +5,7 @@ alone cannot (the forged chain is consistent)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -17,8 +18,10 @@ import pytest
 
 from lora_service.config import Config, load_config
 from lora_service.journal import Journal, projections
+from lora_service.journal import events as ev
 from lora_service.journal.events import decode
 from lora_service.journal.sqlite import GENESIS, event_hash
+from lora_service.store import sha256_file
 from lora_service.versions import export_version, publish_version
 
 Row = tuple[int, str, str, int, dict[str, Any]]  # seq, ts, type, schema, payload
@@ -31,12 +34,14 @@ def lora(*args: str) -> subprocess.CompletedProcess[str]:
 
 def forge(state: Path, edit: Callable[[list[Row]], list[Row]]) -> None:
     """What someone who can write the journal file does: edit events, recompute every hash
-    after the edit, rebuild every projection from the edited events."""
+    after the edit, rebuild every projection from the edited events, put the append-only
+    triggers back as they were (`verify` checks them)."""
     raw = sqlite3.connect(state / "journal.sqlite", isolation_level=None)
     rows = [(seq, ts, type_, schema, json.loads(payload)) for seq, ts, type_, schema, payload
             in raw.execute("SELECT seq, ts, type, schema, payload FROM events ORDER BY seq")]
     raw.execute("BEGIN")
-    for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+    triggers = raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    for name, _sql in triggers:
         raw.execute(f"DROP TRIGGER {name}")
     for table in [*projections.TABLES, "events", "position"]:
         raw.execute(f"DELETE FROM {table}")
@@ -48,6 +53,8 @@ def forge(state: Path, edit: Callable[[list[Row]], list[Row]]) -> None:
         projections.apply(raw, projections.changes(seq, ts, decode(type_, payload)))
         raw.execute("INSERT OR REPLACE INTO position (id, seq) VALUES (1, ?)", (seq,))
         prev = digest
+    for _name, sql in triggers:
+        raw.execute(sql)
     raw.execute("COMMIT")
     raw.close()
 
@@ -93,7 +100,10 @@ def test_every_published_file_and_copy_carries_the_position_it_was_decided_on(
                      folder / "adapter" / "adapter_model.safetensors"]
             for path in files:
                 seen = witness.read(path)
-                assert seen == witness.Witness(path, version, seq - 1, journal.hash_at(seq - 1))
+                digest = sha256_file(path)
+                assert seen == witness.Witness(path, version, seq - 1, journal.hash_at(seq - 1),
+                                               digest)
+                assert seen.sha256 == digest
     deployed = witness.read(tmp_path / "deploy" / "demo.safetensors")
     assert deployed is not None
     assert (deployed.version, deployed.seq) == ("v0002", created["v0002"] - 1)
@@ -171,3 +181,75 @@ def test_a_cut_off_tail_passes_verify_but_not_its_witnesses(
             f"{elsewhere}: witnessed seq {keep + 1}, but the journal ends at seq {keep} "
             "(events were cut off)"
         )
+
+
+def _safetensors(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+def _witness_header(**changed: str) -> bytes:
+    from lora_service.versions import witness
+
+    meta = witness.metadata("v0001", 1, "0" * 64) | changed
+    return _safetensors(json.dumps({"__metadata__": meta}).encode())
+
+
+CRAFTED: dict[str, tuple[str, bytes]] = {  # file name, bytes; what each used to raise
+    "seq '²' passes isdigit (int: ValueError)": (
+        "x.safetensors", _witness_header(lora_service_journal_seq="²")),
+    "seq of 5000 digits (int: digit limit)": (
+        "x.safetensors", _witness_header(lora_service_journal_seq="9" * 5000)),
+    "header nested 100k deep (json: RecursionError)": (
+        "x.safetensors", _safetensors(b"[" * 100_000 + b"]" * 100_000)),
+    "card nested 100k deep (json: RecursionError)": ("card.json", b"[" * 100_000),
+    "version that writes to the terminal": (
+        "x.safetensors", _witness_header(lora_service_version="\x1b]0;pwned\x07")),
+    "hash that is not one": ("x.safetensors", _witness_header(lora_service_journal_hash="zz")),
+    "seq past SQLite integers": ("card.json", json.dumps(
+        {"version": "v0001", "journal_seq": 2**63, "journal_hash": "0" * 64}).encode()),
+    "header longer than the file": ("x.safetensors", _witness_header()[:-1]),
+}
+
+
+@pytest.mark.parametrize("crafted", [*CRAFTED, "FIFO"])
+def test_a_crafted_witness_file_is_one_line_naming_it(
+    write_config: Callable[..., Path], tmp_path: Path, crafted: str
+) -> None:
+    """Exit 2 and one line naming the file; never a traceback, never a wait on a FIFO."""
+    config = write_config()
+    with Journal.for_state(tmp_path / "state") as journal:
+        journal.append(ev.BatchDetected(name="one"))
+    if crafted == "FIFO":
+        path = tmp_path / "x.safetensors"
+        os.mkfifo(path)
+    else:
+        name, data = CRAFTED[crafted]
+        path = tmp_path / name
+        path.write_bytes(data)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_service", "verify", "--witness", str(path), "--config",
+         str(config)], capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"lora-service: {path}: carries no journal witness (")
+    assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+
+
+def test_a_folder_skips_what_is_not_a_witness_without_blocking(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = write_config()
+    with Journal.for_state(tmp_path / "state") as journal:
+        journal.append(ev.BatchDetected(name="one"))
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    os.mkfifo(folder / "a.safetensors")
+    os.mkfifo(folder / "card.json")
+    for i, (name, data) in enumerate(CRAFTED.values()):
+        (folder / f"{i}-{name}").write_bytes(data)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_service", "verify", "--witness", str(folder), "--config",
+         str(config)], capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "no witness found" in result.stderr
