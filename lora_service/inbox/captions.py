@@ -33,7 +33,7 @@ METADATA = "metadata.csv"
 MAX_CAPTION_FILE_BYTES = 1 << 20
 MAX_METADATA_BYTES = 64 << 20
 MAX_LISTED = 20  # bad metadata.csv rows listed one by one per kind; the rest are counted
-MAX_SHOWN_CHARS = 200  # a file_name from metadata.csv as quoted in a reason
+MAX_SHOWN_CHARS = 200  # a name (file_name, link target, escaped name) as quoted in a reason
 
 
 class UnreadableFile(Exception):
@@ -95,8 +95,10 @@ def member_name(value: str) -> str | None:
     return value
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "…"
+def clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`text` cut to `limit` characters with an ellipsis: a name quoted in a reason or note
+    must not make the journal event (or the report) grow with it."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 @dataclass
@@ -132,7 +134,7 @@ def read_metadata(path: str | Path, present: Set[str], *, dir_fd: int | None = N
         reader = csv.DictReader(io.TextIOWrapper(io.BytesIO(data), "utf-8-sig", newline=""))
         columns = reader.fieldnames or []
         if "file_name" not in columns or "text" not in columns:
-            shown = _clip(",".join(columns))
+            shown = clip(",".join(columns))
             out.error = f"{METADATA} needs the columns file_name,text (has {shown})"
             return out
         for number, row in enumerate(reader, start=2):
@@ -147,10 +149,10 @@ def read_metadata(path: str | Path, present: Set[str], *, dir_fd: int | None = N
                         if leaves
                         else f"{where}: not a file directly in the batch folder (batches are flat)"
                     )
-                    out.bad.append((_clip(raw), reason))
+                    out.bad.append((clip(raw), reason))
             elif name not in present:
                 if listed("missing"):
-                    out.bad.append((_clip(name), f"{where}: no such file in the batch"))
+                    out.bad.append((clip(name), f"{where}: no such file in the batch"))
             elif name in out.rows:
                 if listed("repeat"):
                     first = out.rows[name][0]
@@ -159,7 +161,7 @@ def read_metadata(path: str | Path, present: Set[str], *, dir_fd: int | None = N
                 out.rows[name] = (number, row.get("text") or "")
     except csv.Error as exc:
         out.rows.clear()
-        out.error = f"{METADATA} is not valid CSV ({_clip(str(exc))})"
+        out.error = f"{METADATA} is not valid CSV ({clip(str(exc))})"
         return out
     more = {kind: n - MAX_LISTED for kind, n in counts.items() if n > MAX_LISTED}
     if "path" in more:

@@ -17,10 +17,19 @@ stay in the folder that was opened. `.accepted` and `.rejected` are opened the s
 is a symlink or not a folder, the decision is journaled with that reason in its notes and the
 batch stays where it is until the operator makes it a real folder.
 
-Names. A file or folder name that is not UTF-8 is journaled in an escaped form (`shown`):
-its bytes with `\\xNN` escapes (and `\\` for a backslash). Such a file is a bad file with that
-reason; such a folder is decided like any other under its escaped name, and moved to
-`.accepted/` or `.rejected/` under that name (a note says so).
+Names. A folder name that is not UTF-8 or holds a backslash is journaled in an escaped form
+(`shown`: `\\xNN` for bytes that are not UTF-8, `\\\\` for a backslash; two folders never share
+a journal name). It is decided like any other under that name, and moved to `.accepted/` or
+`.rejected/` under it (a note says so). A destination name is at most NAME_MAX bytes: a longer
+one is cut and tagged with a hash of the whole (`_fitted`), so no name can make a move fail.
+A file whose name is not UTF-8 is a bad file with that reason. Every name or link target
+quoted in a reason or note is clipped (`clip`), and the listed bad files and notes of one event
+are bounded in count and bytes (`_Verdict.journaled`), so no folder can bloat the journal.
+
+Never a jam. Whatever a folder holds, it is decided once: a symlink (even a loop) is a bad file
+judged from its text, never resolved; a folder the daemon may not read or search is rejected
+unread; a report that cannot be written (read-only, full, immutable folder) is a note. A move
+that fails after the decision is logged once and retried quietly at each scan.
 
 Order of effects, chosen so that a SIGKILL anywhere leaves something the next scan finishes:
 1. `BatchDetected` (once per arrival: skipped while the latest intake row of that name is a
@@ -62,7 +71,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +85,7 @@ from lora_service.inbox.captions import (
     Metadata,
     UnreadableFile,
     check_caption,
+    clip,
     decode_caption,
     read_metadata,
     read_regular,
@@ -102,6 +112,8 @@ REPORT_NAME = re.compile(r"REJECTED(-lora-service(-\d+)?)?\.txt")
 REPORT_MARK = b"lora-service rejected batch "  # how our report starts: recognised, replaced
 BATCH_ID_HEX = 16
 FINAL = ("accepted", "rejected", "duplicate")
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
+NO_REPORT = "no report written into the folder"  # a note; the decision stands without one
 # ctime (kernel clock) vs event time (our clock): tolerance for coarse timestamps
 CLOCK_SLACK_S = 1.0
 # a labeller that raises: the batch waits this long before each retry, then is decided
@@ -110,6 +122,7 @@ LABEL_ATTEMPTS = len(LABEL_RETRY_S) + 1
 # bounds on one event's payload: listed bad files and notes (the rest is counted)
 MAX_BAD = 300
 MAX_NOTES = 200
+MAX_LISTED_BYTES = 256 << 10  # each, for bad files and notes
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 # kept only for tests/daemon (the supervisor builds its Intake without hooks): seconds a batch
@@ -132,22 +145,59 @@ class Hooks:
             time.sleep(float(os.environ.get(DELAY_ENV) or 0))
 
 
-def shown(name: str) -> str:
-    """A file-system name as journaled and logged: itself when it is UTF-8; otherwise its bytes
-    with `\\xNN` escapes and `\\\\` for a backslash (readable, and two byte names never look the
-    same). Surrogate-escaped names cannot be stored as JSON/SQLite text."""
+def _is_utf8(name: str) -> bool:
+    """False for a name decoded with surrogate escapes (its bytes are not UTF-8)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return os.fsencode(name).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-    return name
+        return False
+    return True
+
+
+def shown(name: str) -> str:
+    """A file-system name as journaled and logged: itself when it is UTF-8 without a backslash;
+    otherwise its bytes with `\\xNN` escapes and `\\\\` for a backslash. Injective (an escaped
+    name always holds a backslash, a plain one never does), so two folders never share a
+    journal name. Surrogate-escaped names cannot be stored as JSON/SQLite text."""
+    if "\\" not in name and _is_utf8(name):
+        return name
+    return os.fsencode(name).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def _fitted(name: str, n: int = 0) -> str:
+    """`name`, or `name-n`, as a folder name the file system takes (at most NAME_MAX bytes): a
+    longer one is cut and tagged with a hash of the whole name, so two long names stay apart."""
+    whole = f"{name}-{n}" if n else name
+    if len(whole.encode()) <= NAME_MAX:
+        return whole
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:12] + (f"-{n}" if n else "")
+    return name.encode()[:NAME_MAX - len(tag)].decode("utf-8", "ignore") + tag
+
+
+def _symlink_reason(dir_fd: int, name: str) -> str:
+    """Why a symlink in a batch is bad, judged from its text alone (never resolved, so a loop or
+    a dangling link costs nothing): absolute, or `..` climbing above the inbox, leaves it."""
+    try:
+        target = os.readlink(name, dir_fd=dir_fd)
+    except OSError as exc:  # no longer a symlink since the listing
+        return f"symlink that changed while read ({exc.strerror}); not followed"
+    leaves, depth = target.startswith("/"), 1  # the link sits in inbox/<batch>/
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            leaves |= depth < 0
+        elif part not in ("", "."):
+            depth += 1
+    if leaves:
+        return f"symlink leaving the inbox (-> {clip(shown(target))}); not followed"
+    return f"symlink (-> {clip(shown(target))}); links are not followed, copy the file itself"
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What one scan did with one batch folder."""
 
-    name: str  # as journaled (escaped when the folder's name is not UTF-8)
+    name: str  # as journaled (`shown`)
     status: Literal["accepted", "rejected", "duplicate"]
     moved_to: str  # inbox-relative, e.g. .accepted/cats-1
     batch_id: str | None = None
@@ -155,12 +205,22 @@ class Outcome:
     bad: tuple[ev.BadFile, ...] = ()
     seq: int | None = None  # the deciding event (None: decided by an earlier run)
     finished: bool = False  # True: only the move was left from an interrupted intake
-    not_moved: str | None = None  # why the folder stays in the inbox (.accepted not a folder)
+    not_moved: str | None = None  # why the folder stays in the inbox (e.g. the move failed)
 
     @property
     def kind(self) -> str:
         """Same as `status` (the daemon's log line reads it under this name)."""
         return self.status
+
+
+def _listed(entries: list[Any], cap: int, as_json: Callable[[Any], Any]) -> list[Any]:
+    """The first entries that fit in `cap` entries and MAX_LISTED_BYTES of JSON."""
+    budget = MAX_LISTED_BYTES
+    for n, entry in enumerate(entries[:cap]):
+        budget -= len(json.dumps(as_json(entry), ensure_ascii=False).encode())
+        if budget < 0:
+            return entries[:n]
+    return entries[:cap]
 
 
 @dataclass(frozen=True)
@@ -178,13 +238,16 @@ class _Verdict:
     generated: dict[str, str] = field(default_factory=dict)
 
     def journaled(self) -> tuple[tuple[ev.BadFile, ...], tuple[str, ...]]:
-        """Bad files and notes as journaled: the first MAX_BAD / MAX_NOTES, then a count."""
-        bad, notes = self.bad[:MAX_BAD], self.notes[:MAX_NOTES]
-        if len(self.bad) > MAX_BAD:
-            bad.append(ev.BadFile(file="…", reason=f"and {len(self.bad) - MAX_BAD:,} more bad "
+        """Bad files and notes as journaled: in order, at most MAX_BAD / MAX_NOTES entries and
+        MAX_LISTED_BYTES (as JSON) each, then a count of the rest. The first notes (why it was
+        not moved, why there is no report) are always kept."""
+        bad = _listed(self.bad, MAX_BAD, lambda b: [b.file, b.reason])
+        notes = _listed(self.notes, MAX_NOTES, lambda n: n)
+        if len(self.bad) > len(bad):
+            bad.append(ev.BadFile(file="…", reason=f"and {len(self.bad) - len(bad):,} more bad "
                                                    "files, not listed"))
-        if len(self.notes) > MAX_NOTES:
-            notes.append(f"… and {len(self.notes) - MAX_NOTES:,} more notes, not listed")
+        if len(self.notes) > len(notes):
+            notes.append(f"… and {len(self.notes) - len(notes):,} more notes, not listed")
         return tuple(bad), tuple(notes)
 
 
@@ -226,7 +289,8 @@ def _is_own_report(dir_fd: int, name: str) -> bool:
 
 
 def _report_name(dir_fd: int) -> str:
-    """Where our report goes: REJECTED.txt unless that is the user's own file (kept)."""
+    """Where our report goes: REJECTED.txt unless that is the user's own file (kept). Raises
+    OSError when it cannot tell or no name is free."""
     names = [REPORT, f"{OWN_REPORT}.txt", *(f"{OWN_REPORT}-{n}.txt" for n in range(2, 1000))]
     for name in names:
         try:
@@ -235,7 +299,7 @@ def _report_name(dir_fd: int) -> str:
             return name
         if _is_own_report(dir_fd, name):
             return name
-    raise RuntimeError("no free name for the rejection report")
+    raise FileExistsError(errno.EEXIST, "no free name for the report")
 
 
 def _write_at(dir_fd: int, name: str, data: bytes) -> None:
@@ -349,7 +413,11 @@ class Intake:
         entries = []
         newest = 0.0
         for entry in os.scandir(fd):
-            info = entry.stat(follow_symlinks=False)
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError as exc:  # gone since the listing (a copier's temp file): a change
+                entries.append((entry.name, exc.errno))
+                continue
             entries.append(
                 (entry.name, stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns,
                  info.st_ctime_ns)
@@ -357,10 +425,10 @@ class Intake:
             newest = max(newest, info.st_mtime, info.st_ctime)
         return tuple(sorted(entries)), newest
 
-    def _complete(self, name: str, fd: int | None, now: float) -> bool | None:
+    def _complete(self, name: str, fd: int | str, now: float) -> bool | None:
         """True when complete, False while settling, None when it is not a batch yet (empty)."""
-        if fd is None:
-            return True  # a symlink: never read, rejected as it is
+        if isinstance(fd, str):
+            return True  # rejected unread, as it is
         fingerprint, newest = self._fingerprint(fd)
         if not fingerprint:
             return None
@@ -376,33 +444,43 @@ class Intake:
         self._seen[name] = _Sighting(fingerprint, since)
         return now - since >= self.config.inbox.settle_seconds
 
-    def _open_batch(self, name: str) -> int | None | Literal[False]:
-        """The batch folder opened once, never through a symlink: its fd, None when `name` is
-        a symlink, False when it is gone or no longer a folder (not a batch now)."""
+    def _open_batch(self, name: str) -> int | str | None:
+        """The batch folder opened once, never through a symlink: its fd; or why it is rejected
+        unread (a symlink, a folder the daemon may not read or search); None when it is gone
+        or no longer a folder (not a batch now)."""
         try:
-            return os.open(name, DIR_FLAGS, dir_fd=self._inbox_fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=self._inbox_fd)
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                return f"the batch folder cannot be read ({exc.strerror}); not read"
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise
-        try:
-            info = os.stat(name, dir_fd=self._inbox_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return None if stat.S_ISLNK(info.st_mode) else False
+            try:
+                info = os.stat(name, dir_fd=self._inbox_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            return "the batch folder is a symlink (not followed)" if stat.S_ISLNK(
+                info.st_mode) else None
+        if not os.access(".", os.R_OK | os.X_OK, dir_fd=fd, effective_ids=True):
+            os.close(fd)
+            return "the batch folder cannot be searched (no x permission for us); not read"
+        return fd
 
     def _visit(self, name: str, key: str, now: float) -> Outcome | None:
         failed = self._label_failures.get(key)
         if failed is not None and now < failed[1]:
             return None  # the labeller failed: wait before trying again
         last = self._last_intake(key)
-        pending = (
-            last
-            if last is not None and last["outcome"] in FINAL and not self._exists(last["moved_to"])
-            else None
-        )
+        pending = None
+        if last is not None and last["outcome"] in FINAL:
+            try:
+                done = self._exists(last["moved_to"])
+            except OSError as exc:  # cannot tell: the move below says why, if it fails; but a
+                done = exc.errno == errno.ENAMETOOLONG  # name no move can take: decided anew
+            pending = None if done else last
         new_arrival = pending is None and (last is None or last["outcome"] in FINAL)
         fd = self._open_batch(name)
-        if fd is False:
+        if fd is None:
             return None
         try:
             complete = self._complete(name, fd, now)
@@ -414,18 +492,22 @@ class Intake:
                 return None
             self._seen.pop(name, None)
             if pending is not None:
-                problem = self._kind_problem(pending["moved_to"].partition("/")[0])
-                if problem is not None:  # decided; the move waits until it is a real folder
-                    if key not in self._blocked:
-                        log.error("batch not moved", batch=key, why=problem)
-                        self._blocked.add(key)
+                moved_to = pending["moved_to"]
+                problem = self._kind_problem(moved_to.partition("/")[0])
+                if problem is None and self._only_move_missing(pending, name, fd):
+                    problem = self._move(name, moved_to)
+                    if problem is None:
+                        log.info("finished an interrupted move", batch=key, moved_to=moved_to)
+                        bad = tuple(ev.BadFile(**b) for b in json.loads(pending["bad"] or "[]"))
+                        return Outcome(key, pending["outcome"], moved_to, pending["batch_id"],
+                                       bad=bad, finished=True)
+                if problem is not None:  # decided; the move waits (e.g. for a real folder)
+                    self._stays(key, problem)
                     return None
-                if self._only_move_missing(pending, name, fd):
-                    return self._finish_move(pending, name)
                 self.journal.append(ev.BatchDetected(name=key))
             return self._process(name, key, fd)
         finally:
-            if fd is not None:
+            if isinstance(fd, int):
                 os.close(fd)
 
     # -- the inbox's own folders -------------------------------------------------------------
@@ -443,11 +525,12 @@ class Intake:
         return None
 
     def _exists(self, moved_to: str) -> bool:
-        """Does `kind/name` exist in the inbox, looked up without following any symlink?"""
+        """Does `kind/name` exist in the inbox, looked up without following any symlink?
+        Raises OSError when it cannot tell."""
         kind, _, target = moved_to.partition("/")
         try:
             kind_fd = os.open(kind, DIR_FLAGS, dir_fd=self._inbox_fd)
-        except OSError:
+        except FileNotFoundError:
             return False
         try:
             os.stat(target, dir_fd=kind_fd, follow_symlinks=False)
@@ -457,36 +540,62 @@ class Intake:
             os.close(kind_fd)
         return True
 
-    def _move(self, name: str, moved_to: str) -> None:
+    def _move(self, name: str, moved_to: str) -> str | None:
         """Rename the batch into `.accepted/` or `.rejected/`, a real folder opened without
-        following a symlink (if it became one since the check, this raises: retried)."""
+        following a symlink; why not, when that fails (the folder stays; retried each scan)."""
         kind, _, target = moved_to.partition("/")
-        with suppress(FileExistsError):
-            os.mkdir(kind, dir_fd=self._inbox_fd)
-        kind_fd = os.open(kind, DIR_FLAGS, dir_fd=self._inbox_fd)
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(kind, dir_fd=self._inbox_fd)
+            kind_fd = os.open(kind, DIR_FLAGS, dir_fd=self._inbox_fd)
+        except OSError as exc:
+            return f"inbox/{kind} cannot be opened ({exc.strerror})"
         try:
             os.rename(name, target, src_dir_fd=self._inbox_fd, dst_dir_fd=kind_fd)
+        except OSError as exc:
+            return f"the move to inbox/{moved_to} failed ({exc.strerror})"
+        else:
             os.fsync(kind_fd)
         finally:
             os.close(kind_fd)
         os.fsync(self._inbox_fd)
+        return None
 
     def _move_out(self, name: str, outcome: Outcome) -> Outcome:
-        """The move after a decision, or none when the destination is not a real folder."""
-        if outcome.not_moved is not None:
-            log.error("batch not moved", batch=outcome.name, why=outcome.not_moved)
-            self._blocked.add(outcome.name)
-        else:
-            self._move(name, outcome.moved_to)
-        return outcome
+        """The move after a decision, unless the destination was already known to be unusable;
+        the outcome says why the folder stays in the inbox."""
+        problem = outcome.not_moved or self._move(name, outcome.moved_to)
+        if problem is None:
+            return outcome
+        self._stays(outcome.name, problem)
+        return replace(outcome, not_moved=problem)
 
-    def _free_name(self, kind: str, name: str) -> str:
-        """`kind/name`, or `kind/name-1`, `-2`, ... : never over an existing folder."""
-        candidate, n = name, 0
-        while self._exists(f"{kind}/{candidate}"):
+    def _stays(self, key: str, problem: str) -> None:
+        """Log, once per folder, why a decided batch stays in the inbox."""
+        if key not in self._blocked:
+            log.error("batch not moved", batch=key, why=problem)
+            self._blocked.add(key)
+
+    def _destination(self, kind: str, key: str, verdict: _Verdict) -> tuple[str, str | None]:
+        """Where a decided folder goes: `kind/<key>`, or `-1`, `-2`, ... (never over an entry,
+        never over NAME_MAX bytes); and why it cannot go there now, also noted in the verdict."""
+        problem, n = self._kind_problem(kind), 0
+        moved_to = f"{kind}/{_fitted(key)}"
+        while problem is None:
+            moved_to = f"{kind}/{_fitted(key, n)}"
+            try:
+                if not self._exists(moved_to):
+                    break
+            except OSError as exc:
+                problem = f"inbox/{moved_to} cannot be looked up ({exc.strerror})"
             n += 1
-            candidate = f"{name}-{n}"
-        return f"{kind}/{candidate}"
+        if problem is not None:
+            verdict.notes.insert(0, f"not moved: {problem}; the folder stays in the inbox "
+                                    "until then")
+        elif not moved_to.partition("/")[2].startswith(key):
+            verdict.notes.append(f"the name is longer than {NAME_MAX} bytes: moved as "
+                                 f"{clip(moved_to)}")
+        return moved_to, problem
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -509,24 +618,26 @@ class Intake:
                 else:
                     os.unlink(entry.path)
 
-    def _only_move_missing(self, row: dict[str, Any], name: str, fd: int | None) -> bool:
+    def _only_move_missing(self, row: dict[str, Any], name: str, fd: int | str) -> bool:
         """Is this the folder a journaled decision was about (so only its move is missing)?
 
         Not if it changed after the decision: a rename (a user moving `.rejected/x` back into
         the inbox after fixing it) or a new entry bumps the folder's ctime past the event's
-        time. Then the content must still match: the decided images, or our report.
+        time. Then the content must still match: the decided images, or our report (unless
+        the decision says none could be written).
         """
         decided = datetime.fromisoformat(row["ts"]).timestamp()
-        info = (os.fstat(fd) if fd is not None
+        info = (os.fstat(fd) if isinstance(fd, int)
                 else os.stat(name, dir_fd=self._inbox_fd, follow_symlinks=False))
         if info.st_ctime > decided + CLOCK_SLACK_S:
             return False
         if row["outcome"] == "rejected":
-            if fd is None:
-                return True  # a symlink: rejected unread, no report
+            if isinstance(fd, str) or any(
+                    n.startswith(NO_REPORT) for n in json.loads(row["notes"] or "[]")):
+                return True  # rejected unread, or without a report
             reports = [e.name for e in os.scandir(fd) if REPORT_NAME.fullmatch(e.name)]
             return any(_is_own_report(fd, name) for name in reports)
-        if fd is None:
+        if isinstance(fd, str):
             return False
         wanted = {
             r["sha256"]
@@ -541,29 +652,21 @@ class Intake:
         }
         return bool(wanted) and wanted <= have
 
-    def _finish_move(self, row: dict[str, Any], name: str) -> Outcome:
-        self._move(name, row["moved_to"])
-        bad = tuple(ev.BadFile(**b) for b in json.loads(row["bad"] or "[]"))
-        log.info("finished an interrupted move", batch=row["name"], moved_to=row["moved_to"])
-        return Outcome(row["name"], row["outcome"], row["moved_to"], row["batch_id"], bad=bad,
-                       finished=True)
-
     # -- processing --------------------------------------------------------------------------
 
-    def _process(self, name: str, key: str, fd: int | None) -> Outcome:
-        if fd is None:
-            return self._reject(name, key, None, "the batch folder is a symlink (not followed)",
-                                _Verdict())
+    def _process(self, name: str, key: str, fd: int | str) -> Outcome:
+        if isinstance(fd, str):
+            return self._reject(name, key, None, fd, _Verdict())
         self.hooks.at("reading")
         self.store.mkdir(parents=True, exist_ok=True)
         tmp = self.store / f".incoming-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             failures = self._label_failures.get(key, (0, 0.0))[0]
-            verdict = self._check(fd, self.inbox / name, tmp, labelling_attempt=failures + 1)
+            verdict = self._check(fd, tmp, labelling_attempt=failures + 1)
             if key != name:
-                verdict.notes.insert(0, f"the folder's name is not UTF-8: journaled and moved "
-                                        f"as {key}")
+                verdict.notes.insert(0, f"the folder's name is not UTF-8 or holds a backslash: "
+                                        f"journaled and moved as {clip(key)}")
             minimum = self.config.inbox.min_images
             if not verdict.good:
                 reason = f"no usable image ({len(verdict.bad)} bad files)"
@@ -576,9 +679,10 @@ class Intake:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _check(self, fd: int, folder: Path, tmp: Path, labelling_attempt: int) -> _Verdict:
+    def _check(self, fd: int, tmp: Path, labelling_attempt: int) -> _Verdict:
         """Check every entry of the open batch folder `fd`; good images are copied into `tmp`.
-        `folder` is its path, only for messages."""
+        A `REJECTED*.txt` is skipped only when it is our report; otherwise it is a caption file
+        like any other (the sidecar of `REJECTED.png`)."""
         cfg = self.config.inbox
         verdict = _Verdict()
         entries = sorted(os.scandir(fd), key=lambda e: e.name)
@@ -587,19 +691,20 @@ class Intake:
         has_metadata = False
         for entry in entries:
             name, suffix = entry.name, Path(entry.name).suffix.lower()
-            if name == cfg.ready_marker or REPORT_NAME.fullmatch(name):
+            if name == cfg.ready_marker or (
+                    REPORT_NAME.fullmatch(name) and _is_own_report(fd, name)):
                 continue
             if name.startswith("."):
-                verdict.notes.append(f"{shown(name)}: hidden file ignored")
-            elif shown(name) != name:
-                verdict.bad.append(ev.BadFile(file=shown(name), reason=(
+                verdict.notes.append(f"{clip(shown(name))}: hidden file ignored")
+            elif not _is_utf8(name):
+                verdict.bad.append(ev.BadFile(file=clip(shown(name)), reason=(
                     "file name is not UTF-8 (shown with \\x escapes); rename it")))
             elif name == METADATA:
                 has_metadata = True
             elif suffix == ".txt":
                 texts.setdefault(Path(name).stem, []).append(name)  # read with its image
             elif entry.is_symlink():
-                verdict.bad.append(ev.BadFile(file=name, reason=self._symlink(fd, folder, name)))
+                verdict.bad.append(ev.BadFile(file=name, reason=_symlink_reason(fd, name)))
             elif entry.is_dir(follow_symlinks=False):
                 verdict.bad.append(ev.BadFile(
                     file=name, reason="a sub-folder (batches are flat; not read)"))
@@ -707,13 +812,6 @@ class Intake:
             return _Good(check, caption, "metadata.csv")
         return None
 
-    def _symlink(self, fd: int, folder: Path, name: str) -> str:
-        target = os.readlink(name, dir_fd=fd)
-        resolved = (folder / target).resolve()  # names only: no file's content is read
-        if not resolved.is_relative_to(self.inbox.resolve()):
-            return f"symlink leaving the inbox (-> {shown(target)}); not followed"
-        return f"symlink (-> {shown(target)}); links are not followed, copy the file itself"
-
     def _caption_missing(
         self, missing: list[Checked], tmp: Path, verdict: _Verdict, attempt: int,
         metadata_error: str | None,
@@ -763,20 +861,12 @@ class Intake:
 
     # -- decisions ---------------------------------------------------------------------------
 
-    def _not_moved_note(self, kind: str, verdict: _Verdict) -> str | None:
-        problem = self._kind_problem(kind)
-        if problem is not None:
-            verdict.notes.append(f"not moved: {problem}; the folder stays in the inbox until "
-                                 "then")
-        return problem
-
     def _accept(self, name: str, key: str, tmp: Path, verdict: _Verdict) -> Outcome:
         batch_id = batch_id_of([(g.check.sha256 or "", g.caption) for g in verdict.good])
         first = self.journal.query("SELECT name FROM batches WHERE batch_id = ?", (batch_id,))
-        problem = self._not_moved_note(ACCEPTED, verdict)
+        moved_to, problem = self._destination(ACCEPTED, key, verdict)
         bad, notes = verdict.journaled()
         if first:
-            moved_to = self._free_name(ACCEPTED, key)
             (seq,) = self.journal.append(ev.BatchDuplicate(
                 name=key, batch_id=batch_id, duplicate_of=first[0]["name"], moved_to=moved_to))
             self.hooks.at("journaled")
@@ -806,7 +896,6 @@ class Intake:
         fsync_dir(self.store)
         self.hooks.at("stored")
 
-        moved_to = self._free_name(ACCEPTED, key)
         events: list[ev.Event] = []
         if verdict.generated:
             events.append(ev.CaptionsGenerated(
@@ -830,19 +919,23 @@ class Intake:
     def _reject(
         self, name: str, key: str, fd: int | None, reason: str, verdict: _Verdict
     ) -> Outcome:
-        """Journal the rejection; our report goes into the folder (none for a symlink)."""
-        problem = self._not_moved_note(REJECTED, verdict)
+        """Journal the rejection; our report goes into the folder (none when it was not read).
+        A report that cannot be written (read-only, full or immutable folder) is a note, not a
+        failure: the batch must be decided once either way."""
+        moved_to, problem = self._destination(REJECTED, key, verdict)
         if fd is not None:
-            report = _report_name(fd)
-            if report != REPORT:
-                verdict.notes.append(f"{REPORT} is the user's own and is kept; the report is "
-                                     f"{report}")
-            lines = [f"{REPORT_MARK.decode()}{key!r}: {reason}", ""]
-            lines += [f"{b.file}: {b.reason}" for b in verdict.bad]
-            if verdict.notes:
-                lines += ["", "notes:"] + [f"  {n}" for n in verdict.notes]
-            _write_at(fd, report, ("\n".join(lines) + "\n").encode("utf-8"))
-        moved_to = self._free_name(REJECTED, key)
+            try:
+                report = _report_name(fd)
+                notes = verdict.notes + ([f"{REPORT} is the user's own and is kept; the report "
+                                          f"is {report}"] if report != REPORT else [])
+                lines = [f"{REPORT_MARK.decode()}{clip(key)!r}: {reason}", ""]
+                lines += [f"{b.file}: {b.reason}" for b in verdict.bad]
+                if notes:
+                    lines += ["", "notes:"] + [f"  {n}" for n in notes]
+                _write_at(fd, report, ("\n".join(lines) + "\n").encode("utf-8"))
+                verdict.notes = notes
+            except OSError as exc:
+                verdict.notes.insert(0, f"{NO_REPORT} ({exc.strerror})")
         bad, notes = verdict.journaled()
         (seq,) = self.journal.append(ev.BatchRejected(
             name=key, reason=reason, bad=bad, notes=notes, moved_to=moved_to))

@@ -10,7 +10,9 @@ The order is what makes it safe:
    `inbox.max_image_pixels` before anything is decoded: a decompression bomb is refused unread.
 3. The bytes are read once, hashed, and decoded completely (`Image.load()`), so a truncated file
    fails here and not in training; the very same bytes are what the store receives, so nothing
-   can change between the check and the copy.
+   can change between the check and the copy. At most the fstat size + 1 bytes are read, and a
+   different count (a file grown or cut after fstat) is a bad file: the size limit holds for
+   what is read and stored, not only for what fstat said.
 
 Animated and multi-page images (APNG, animated WebP) are rejected, not cut to their first frame:
 which frame the caption describes is a guess, and a silent guess would train on data the user
@@ -106,7 +108,10 @@ def check_image(
         if info.st_size > limit:
             return Checked(name, f"file of {info.st_size} bytes is too large for its limits")
         fh.seek(0)
-        data = fh.read()
+        data = fh.read(info.st_size + 1)  # bounded: a file growing behind fstat is not read on
+    if len(data) != info.st_size:
+        return Checked(name, f"file changed while read ({info.st_size} bytes when opened); "
+                             "drop it again once it is complete")
     # 2. full decode of exactly the bytes that will be stored
     sha = hashlib.sha256(data).hexdigest()
     try:

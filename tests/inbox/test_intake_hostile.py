@@ -53,7 +53,7 @@ def test_destination_that_is_not_a_real_folder_is_never_followed(
     assert isinstance(decided, ev.BatchAccepted | ev.BatchRejected)
     why = "is a symlink (never followed)" if how == "symlink" else "is not a folder"
     assert outcome.not_moved is not None and f"inbox/{kind} {why}" in outcome.not_moved
-    assert decided.notes[-1].startswith(f"not moved: {outcome.not_moved}")
+    assert decided.notes[0].startswith(f"not moved: {outcome.not_moved}")
     for _ in range(2):
         assert env.intake.scan() == []
     assert len(decisions(env)) == 1 and len(env.events("BatchDetected")) == 1
@@ -94,7 +94,8 @@ def test_names_that_are_not_utf8_are_journaled_escaped_and_decided_once(env: Env
         "\\xfe.png": not_utf8, "caf\\xe9.txt": not_utf8,
         "link.png": "symlink leaving the inbox (-> /nowhere/\\xff.png); not followed"}
     assert [i.file for i in accepted.images] == ["a.png"]
-    assert accepted.notes[0] == "the folder's name is not UTF-8: journaled and moved as bad\\xff"
+    assert accepted.notes[0] == ("the folder's name is not UTF-8 or holds a backslash: journaled "
+                                 "and moved as bad\\xff")
     assert [(b.file, b.reason) for b in rejected.bad] == [("\\xff.png", not_utf8)]
     assert os.listdir(env.inbox / ".accepted") == ["bad\\xff"]  # renamed to its escaped name
     assert os.listdir(env.inbox / ".rejected") == ["junk\\\\\\xfe"]
