@@ -9,18 +9,38 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lora_service.errors import UsageError
 
 DEFAULT_CONFIG = Path("daemon/config.yaml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# `name` becomes file names (versions/<name>-vNNNN.safetensors, deploy_dir/<name>.safetensors)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _no_nul(path: Path) -> Path:
+    if "\x00" in str(path):
+        raise ValueError("contains a NUL byte; a path cannot")
+    return path
+
+
+FilePath = Annotated[Path, AfterValidator(_no_nul)]
 
 
 class Section(BaseModel):
@@ -28,9 +48,9 @@ class Section(BaseModel):
 
 
 class Paths(Section):
-    inbox: Path = Path("inbox")
-    state: Path = Path("state")
-    deploy_dir: Path | None = Field(
+    inbox: FilePath = Path("inbox")
+    state: FilePath = Path("state")
+    deploy_dir: FilePath | None = Field(
         default=None, description="the head's kohya file is copied here on every head change"
     )
 
@@ -83,6 +103,16 @@ class Train(Section):
         default=0.05, ge=0, description="allowed relative rise of validation loss on known batches"
     )
     num_processes: int = Field(default=1, ge=1, description=">1 starts the child via accelerate")
+    stall_timeout: float = Field(
+        default=600.0, gt=0,
+        description="a training child with no progress this long is stopped and retried "
+        "('90s', '10m' accepted)",
+    )
+
+    @field_validator("stall_timeout", mode="before")
+    @classmethod
+    def _stall_duration(cls, value: Any) -> Any:
+        return Schedule._duration(value)
 
 
 class Schedule(Section):
@@ -143,7 +173,7 @@ class Inbox(Section):
 class Labelling(Section):
     enabled: bool = False
     model: str = Field(default="ViT-B-32", description="open_clip architecture name")
-    weights: Path | None = Field(default=None, description="local open_clip weights file")
+    weights: FilePath | None = Field(default=None, description="local open_clip weights file")
     vocabulary: tuple[str, ...] = (
         "person",
         "face",
@@ -174,14 +204,17 @@ class Samples(Section):
 
 
 class Logging(Section):
-    file: Path | None = Field(default=None, description="default: <state>/logs/train.log")
+    file: FilePath | None = Field(default=None, description="default: <state>/logs/train.log")
     json_: bool = Field(default=True, alias="json")
     tensorboard: bool = True
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class Config(Section):
-    name: str = "lora-service"
+    name: str = Field(
+        default="lora-service",
+        description="names the exported files: letters, digits, '.', '_', '-' (at most 64)",
+    )
     paths: Paths = Paths()
     base_model: str = Field(
         default="builtin:tiny-sd",
@@ -196,6 +229,22 @@ class Config(Section):
     logging: Logging = Logging()
 
     source: Path | None = Field(default=None, exclude=True, description="the file it came from")
+
+    @field_validator("name")
+    @classmethod
+    def _file_name_stem(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "must be a file-name stem: 1-64 letters, digits, '.', '_' or '-', starting with "
+                "a letter or digit"
+            )
+        return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_path(cls, value: str) -> str:
+        _no_nul(Path(value))
+        return value
 
     def effective(self) -> dict[str, Any]:
         """The whole configuration as plain JSON, defaults included: what a run records."""
@@ -255,7 +304,35 @@ def parse_config(data: Any, source: Path) -> Config:
         update["logging"] = config.logging.model_copy(
             update={"file": _resolve(base, config.logging.file)}
         )
-    return config.model_copy(update=update)
+    config = config.model_copy(update=update)
+    _check_folders(config, source)
+    return config
+
+
+def _check_folders(config: Config, source: Path) -> None:
+    """The three folders must be folders (or not exist yet) and must not contain one another:
+    a state inside the inbox would be scanned as a batch and moved, journal and all, into
+    `.rejected/`; an inbox inside the state or deploy folder would mix user drops with ours."""
+    folders = {
+        key: Path(os.path.realpath(path))
+        for key, path in (
+            ("paths.inbox", config.paths.inbox),
+            ("paths.state", config.paths.state),
+            ("paths.deploy_dir", config.paths.deploy_dir),
+        )
+        if path is not None
+    }
+    for key, path in folders.items():
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{source}: {key}: {path} is not a folder")
+    for key, path in folders.items():
+        for other, within in folders.items():
+            if key != other and path.is_relative_to(within):
+                where = "is the same folder as" if path == within else "is inside"
+                raise UsageError(
+                    f"{source}: {key} ({path}) {where} {other} ({within}); the inbox, state "
+                    "and deploy folders must be separate"
+                )
 
 
 def load_config(path: Path | str) -> Config:

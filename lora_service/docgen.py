@@ -6,6 +6,7 @@ when the checked-in files differ from what the code says.
 
 from __future__ import annotations
 
+import re
 import sys
 import typing
 from pathlib import Path
@@ -43,7 +44,7 @@ def _context(command: click.Command, name: str) -> click.Context:
 
 
 def _type_name(annotation: typing.Any) -> str:
-    text = str(annotation)
+    text = re.sub(r"Annotated\[([^,\]]+), [^\]]*\)\]", r"\1", str(annotation))
     for prefix in ("typing.", "pathlib.", "<class '", "'>"):
         text = text.replace(prefix, "")
     return text.replace("NoneType", "None").replace("|", "\\|")

@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from lora_service.config import Config
+from lora_service.errors import UsageError
 
 _configured = False
 
@@ -43,8 +44,13 @@ def setup_logging(config: Config, *, console: bool = True) -> None:
     root.setLevel(config.logging.level.upper())
 
     path = log_file(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        _configured = False
+        key = "logging.file" if config.logging.file else "paths.state (its logs/train.log)"
+        raise UsageError(f"{key}: {path}: cannot be written ({exc.strerror or exc})") from None
     renderer = (
         structlog.processors.JSONRenderer()
         if config.logging.json_

@@ -20,6 +20,12 @@ from typing import BinaryIO
 from lora_service.errors import UsageError
 
 CHUNK = 1 << 20
+# a write refused by the disk itself: full, over quota, failing, or remounted read-only
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+_SQLITE_DISK = {13: "database or disk is full", 10: "disk I/O error"}  # SQLITE_FULL, _IOERR
+# how libraries that hide the errno say it (safetensors, sqlite through JournalError)
+_DISK_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded",
+               "Input/output error", "Read-only file system", *_SQLITE_DISK.values())
 
 
 def sha256_file(path: Path) -> str:
@@ -32,6 +38,24 @@ def sha256_file(path: Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def disk_trouble(exc: BaseException | None) -> str | None:
+    """Why `exc`, or an exception it was raised from, is the disk's fault (one line); None when
+    it is not. Such a failure says nothing about the work that hit it: retry it, later."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return os.strerror(exc.errno) + (f": {exc.filename}" if exc.filename else "")
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF in _SQLITE_DISK:
+            return _SQLITE_DISK[code & 0xFF]
+        text = str(exc)
+        if any(word in text for word in _DISK_WORDS):
+            return text.splitlines()[0][:300] if text else type(exc).__name__
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def fsync_dir(path: Path) -> None:
@@ -108,8 +132,10 @@ class StateLock:
                     f"folder{who}; stop it first"
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        pid = f"{os.getpid()}\n".encode()
+        with suppress(OSError):  # over the old bytes first: a full disk still gets the pid
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
         self._fd = fd
         return self
 

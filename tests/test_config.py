@@ -96,3 +96,93 @@ def test_cli_reports_config_errors_in_one_line_with_exit_2(
     assert "train.rank: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (path.parent.parent / "state").exists()  # nothing was created
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lora_service", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("paths", "keys"),
+    [
+        ({"state": "../inbox/state"}, ("paths.state", "paths.inbox")),
+        ({"state": "../inbox"}, ("paths.state", "paths.inbox")),
+        ({"inbox": "../state/inbox"}, ("paths.inbox", "paths.state")),
+        ({"deploy_dir": "../state/deploy"}, ("paths.deploy_dir", "paths.state")),
+        ({"deploy_dir": "../inbox"}, ("paths.inbox", "paths.deploy_dir")),
+    ],
+)
+def test_state_inbox_and_deploy_must_not_contain_one_another(
+    write_config: Callable[..., Path], paths: dict[str, str], keys: tuple[str, str]
+) -> None:
+    """A state inside the inbox would be scanned as a batch and moved into `.rejected/`."""
+    path = write_config({"paths": paths})
+    result = _cli("status", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert all(key in result.stderr for key in keys), result.stderr
+    assert not (path.parent.parent / "state").exists()
+
+
+def test_a_symlinked_state_inside_the_inbox_is_refused(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "inbox" / "s").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "inbox" / "s")
+    with pytest.raises(UsageError, match=r"paths.state .* is inside paths.inbox"):
+        load_config(write_config({"paths": {"state": "../link"}}))
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 65, "a b", "caf\u00e9"])
+def test_name_must_be_a_safe_file_name_stem(write_config: Callable[..., Path], name: str) -> None:
+    with pytest.raises(UsageError, match="name: .* must be a file-name stem"):
+        load_config(write_config({"name": name}))
+
+
+def test_safe_names_load(write_config: Callable[..., Path]) -> None:
+    assert load_config(write_config({"name": "sd15-style_v2.1"})).name == "sd15-style_v2.1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"paths": {"state": "../st\0ate"}}, "paths.state"),
+        ({"paths": {"deploy_dir": "/tmp/d\0"}}, "paths.deploy_dir"),
+        ({"base_model": "/models/sd\0.safetensors"}, "base_model"),
+        ({"logging": {"file": "log\0.txt"}}, "logging.file"),
+    ],
+)
+def test_a_nul_byte_in_a_path_is_a_one_line_error(
+    write_config: Callable[..., Path], overrides: dict, key: str
+) -> None:
+    path = write_config(overrides)
+    result = _cli("status", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{key}: " in result.stderr and "NUL byte" in result.stderr, result.stderr
+
+
+def test_a_state_that_is_a_regular_file_is_a_one_line_error(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "state").write_text("not a folder")
+    path = write_config()
+    for command in ("status", "run"):
+        result = _cli(command, "--config", str(path))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert "paths.state" in result.stderr and "is not a folder" in result.stderr
+    assert (tmp_path / "state").read_text() == "not a folder"
+
+
+def test_an_unwritable_log_file_is_a_one_line_error(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "logdir").mkdir()  # a folder where the log file should be: never writable
+    path = write_config({"logging": {"file": "../logdir"}})
+    result = _cli("run", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "logging.file" in result.stderr and "cannot be written" in result.stderr
+    assert not (tmp_path / "state" / "journal.sqlite").exists()

@@ -115,6 +115,8 @@ def status(config_path: Path, as_json: bool) -> None:
     daemon = info["daemon"]
     running = f"running (pid {daemon['pid']})" if daemon["running"] else "not running"
     echo(f"daemon:    {running}")
+    if daemon["running"] and daemon.get("problem"):
+        echo(f"problem:   {daemon['problem']}")
     if info["next_run"]:
         echo(f"next run:  {info['next_run']}")
     position = info["journal"]

@@ -2,9 +2,14 @@
 
 Started with `subprocess` (never a bare fork: the supervisor has threads, and torch must be
 imported fresh in the child) in its own session, so a Ctrl-C on the terminal reaches only the
-supervisor, which forwards SIGTERM itself. The child asks the kernel to SIGKILL it when the
-supervisor dies (PR_SET_PDEATHSIG, see `lora_service.training.__main__`), so a SIGKILLed daemon
-leaves no orphan behind. stderr is forwarded to ours and its tail kept for `RunFailed`.
+supervisor, which forwards SIGTERM itself. Every child of the daemon (training, labelling) asks
+the kernel to SIGKILL it when the daemon dies (`die_with_parent`, PR_SET_PDEATHSIG), so a
+SIGKILLed daemon leaves no orphan behind. stderr is forwarded to ours and its tail kept for
+`RunFailed`.
+
+Progress: the child touches a heartbeat file (`lora_service.training.heartbeat`) after every
+step and every image it encodes or validates; `Child.idle_for` reads its mtime, so the
+supervisor can stop a child that hangs (`train.stall_timeout`).
 """
 
 from __future__ import annotations
@@ -17,13 +22,33 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lora_service.config import Config
 
 PARENT_ENV = "LORA_SERVICE_PARENT_PID"
+PR_SET_PDEATHSIG = 1
 TAIL_LINES = 40
 WORKERS_WAIT_S = 15.0
+EX_TEMPFAIL = 75  # the child's exit status for a failure that is the disk's fault (sysexits.h)
+
+
+def die_with_parent() -> None:
+    """In a child of the daemon (LORA_SERVICE_PARENT_PID set): ask Linux to SIGKILL this process
+    when its parent dies, so a killed daemon leaves no orphaned child behind."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # the parent (the daemon, or the launcher that sets this for its workers) may have died
+    # before prctl: then we were already re-parented
+    if str(os.getppid()) != parent:
+        os._exit(1)
 
 
 def child_argv(config: Config, *args: str) -> list[str]:
@@ -87,22 +112,49 @@ class Child:
     started: float = field(default_factory=time.monotonic)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     launcher: bool = False  # `accelerate launch` with workers below it
+    heartbeat: Path | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    stalled: str | None = None  # why it was stopped for making no progress
+    stalled_at: float = 0.0
+    _beat: int = 0  # the heartbeat's mtime (ns) when last looked at
     _reader: threading.Thread | None = None
 
     @classmethod
-    def start(cls, config: Config, run_id: str) -> Child:
+    def start(cls, config: Config, run_id: str, heartbeat: Path,
+              extra: Sequence[str] = ()) -> Child:
+        """Start the child for `run_id`; `heartbeat` is (re)created first, so a child that
+        never beats is measured from now."""
+        heartbeat.touch()
+        beat = heartbeat.stat().st_mtime_ns
         proc = subprocess.Popen(
-            child_argv(config, "--run", run_id, "--progress", "off"),
+            child_argv(config, "--run", run_id, "--progress", "off",
+                       "--heartbeat", str(heartbeat), *extra),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=child_env(),
             start_new_session=True,
         )
-        child = cls(run_id, proc, launcher=config.train.num_processes > 1)
+        child = cls(run_id, proc, launcher=config.train.num_processes > 1, heartbeat=heartbeat,
+                    _beat=beat)
         child._reader = threading.Thread(target=child._pump, name=f"child-{run_id}", daemon=True)
         child._reader.start()
         return child
+
+    def idle_for(self) -> float:
+        """Seconds since the child last showed progress (a heartbeat)."""
+        now = time.monotonic()
+        if self.heartbeat is not None:
+            with contextlib.suppress(OSError):
+                beat = self.heartbeat.stat().st_mtime_ns
+                if beat != self._beat:
+                    self._beat, self.last_progress = beat, now
+        return now - self.last_progress
+
+    def kill(self) -> None:
+        """SIGKILL (its workers, if any, die with it: they asked for PR_SET_PDEATHSIG)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None

@@ -51,4 +51,4 @@ class Timetable:
     def next_run(self) -> datetime | None:
         if self._scheduler is None:
             return None
-        return self._job.next_run_time
+        return getattr(self._job, "next_run_time", None)  # None until the scheduler starts

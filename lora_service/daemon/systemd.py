@@ -1,9 +1,15 @@
-"""sd_notify in a few lines: READY=1 and WATCHDOG=1 on $NOTIFY_SOCKET, a no-op without it."""
+"""sd_notify in a few lines: READY=1, WATCHDOG=1, STATUS=... on $NOTIFY_SOCKET, a no-op without it.
+
+A message that cannot be sent (systemd restarting, a stale socket) is dropped: telling systemd
+how we are must never be what stops the service.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+
+EXTEND_EVERY_S = 10.0  # while a slow start-up step runs, ask for this much more, twice over
 
 
 def notify(message: str) -> bool:
@@ -12,10 +18,18 @@ def notify(message: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace socket
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.send(message.encode(), socket.MSG_DONTWAIT)  # a full queue must not block us
+    except OSError:
+        return False
     return True
+
+
+def extend_start_timeout() -> bool:
+    """Push systemd's start timeout (TimeoutStartSec) out while start-up is busy but alive."""
+    return notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_EVERY_S * 3 * 1_000_000)}")
 
 
 def watchdog_interval() -> float | None:

@@ -46,22 +46,29 @@ def weights_path(config: Config) -> Path:
 class ChildLabeller:
     """The daemon's labeller: runs `python -m lora_service.labelling --config C FILE...` and
     reads its JSON answer `{file name: caption}`. Torch stays in the child; the model is
-    loaded per call, which is fine at the rate batches arrive (seconds per batch)."""
+    loaded per call, which is fine at the rate batches arrive (seconds per batch). The child
+    dies with the daemon (PR_SET_PDEATHSIG, like the training child).
 
-    def __init__(self, config: Config) -> None:
+    `fault`: tests only, passed on to the child (`hang`: it hangs before loading anything)."""
+
+    def __init__(self, config: Config, fault: str | None = None) -> None:
         if config.source is None:
             raise ServiceError("labelling needs a config file (the child reads it)")
         self.config_path = Path(config.source)
         self.model = config.labelling.model
         self.weights_sha256 = sha256_file(weights_path(config))
+        self.fault = fault
 
     def __call__(self, paths: list[Path]) -> dict[str, str]:
+        from lora_service.daemon.child import child_env
+
         if not paths:
             return {}
         argv = [sys.executable, "-m", "lora_service.labelling", "--config", str(self.config_path),
-                *(str(p) for p in paths)]
+                *(["--fault", self.fault] if self.fault else []), *(str(p) for p in paths)]
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL, env=child_env())
         except subprocess.TimeoutExpired:
             raise ServiceError(f"labelling child timed out after {CHILD_TIMEOUT_S:.0f} s") from None
         if done.returncode != 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from lora_service.errors import ServiceError
@@ -16,8 +17,14 @@ from lora_service.errors import ServiceError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_service.labelling")
     parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--fault", choices=("hang",), help=argparse.SUPPRESS)  # tests only
     parser.add_argument("files", nargs="*", type=Path)
     args = parser.parse_args(argv)
+    from lora_service.daemon.child import die_with_parent
+
+    die_with_parent()  # under the daemon: die with it, like the training child
+    while args.fault == "hang":
+        time.sleep(3600)
     try:
         from lora_service.config import load_config
         from lora_service.labelling import weights_path

@@ -5,8 +5,14 @@ this in a child, since it imports torch), print its sha256, exit 0.
 
 Exit status: 0 when the run finished (a version was published) or was stopped by SIGTERM/SIGINT
 after saving a checkpoint (the run stays `running` in the journal; starting the child again
-resumes it); 1 on any failure, after journaling `RunFailed` with the reason. Stdout gets one
-JSON line summarising the outcome; progress and logs go to stderr.
+resumes it); 1 on any failure, after journaling `RunFailed` with the reason; 75 (EX_TEMPFAIL)
+when the failure is the disk's (full, failing): its reason starts with `disk: `, and the daemon
+retries such a run without counting it as an attempt. Stdout gets one JSON line summarising the
+outcome; progress and logs go to stderr.
+
+`--heartbeat PATH`: touched as the run progresses (see `heartbeat`), so the daemon notices a
+child that hangs. `--hang-at-step N` (tests only, passed by the daemon's `child_args` seam):
+stop making progress at step N, forever.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lora_service.journal import Journal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,9 +35,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-PARENT_ENV = "LORA_SERVICE_PARENT_PID"  # set by lora_service.daemon.child
+from lora_service.daemon.child import EX_TEMPFAIL, die_with_parent  # noqa: E402
+
 FAULT_ENV = "LORA_SERVICE_TEST_CHILD_FAULT"  # used only by tests
-PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,56 +48,56 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--register-base", action="store_true",
                       help="materialise and register the configured base model, then exit")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--heartbeat", type=Path, help="touch this file as the run progresses")
+    parser.add_argument("--hang-at-step", type=int, help=argparse.SUPPRESS)  # tests only
     args = parser.parse_args(argv)
     die_with_parent()
     if os.environ.get(FAULT_ENV) == "segv" and args.run_id:
         os.kill(os.getpid(), signal.SIGSEGV)  # tests only: a child that crashes hard
+    from lora_service.training import heartbeat
 
-    from lora_service.config import load_config
-    from lora_service.errors import ServiceError
-    from lora_service.journal import Journal
-    from lora_service.journal.events import RunFailed
-
-    try:
-        config = load_config(args.config)
-    except ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    from lora_service.logs import setup_logging
-
-    progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    setup_logging(config, console=not progress)  # the bar replaces per-step console lines
-    journal = Journal.for_state(config.paths.state)
-    if args.register_base:
-        from lora_service.training import base_model
+    heartbeat.use(args.heartbeat)
+    with heartbeat.phase():  # imports and opening: seconds, tens of them on a busy machine
+        from lora_service.config import load_config
+        from lora_service.errors import ServiceError
+        from lora_service.journal import Journal
+        from lora_service.logs import setup_logging
+        from lora_service.store import disk_trouble
 
         try:
-            base = base_model.materialise(config.base_model, config.paths.state)
-            base_model.register(journal, base)
+            config = load_config(args.config)
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
-        print(base.sha256, flush=True)
-        return 0
-    from lora_service.training.run import StopFlag, execute, summary
+        progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+        setup_logging(config, console=not progress)  # the bar replaces per-step console lines
+        journal = Journal.for_state(config.paths.state)
+        if args.register_base:
+            from lora_service.training import base_model
+
+            try:
+                base = base_model.materialise(config.base_model, config.paths.state)
+                base_model.register(journal, base)
+            except (ServiceError, OSError) as exc:
+                disk = disk_trouble(exc)
+                if disk is not None:  # the disk's fault, not the model's: say so (exit 75)
+                    print(f"error: disk: {disk}", file=sys.stderr)
+                    return EX_TEMPFAIL
+                if not isinstance(exc, ServiceError):
+                    raise
+                print(f"error: {exc}", file=sys.stderr)
+                return exc.exit_code
+            print(base.sha256, flush=True)
+            return 0
+        from lora_service.training.run import StopFlag, execute, summary
 
     stop = StopFlag()
     stop.install()
     try:
-        outcome = execute(config, journal, args.run_id, progress=progress, stop=stop)
+        outcome = execute(config, journal, args.run_id, progress=progress, stop=stop,
+                          hang_at_step=args.hang_at_step)
     except BaseException as exc:  # noqa: BLE001  (every failure is journaled, then reported)
-        expected = isinstance(exc, ServiceError)
-        reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-        tail = "" if expected else traceback.format_exc()[-4000:]
-        try:
-            if os.environ.get("RANK", "0") == "0":  # one RunFailed, not one per process
-                journal.append(RunFailed(run_id=args.run_id,
-                                         reason=reason or type(exc).__name__, stderr_tail=tail))
-        finally:
-            print(f"error: run {args.run_id} failed: {reason}", file=sys.stderr)
-            if tail:
-                print(tail, file=sys.stderr)
-        return 1
+        return _failed(journal, args.run_id, exc, disk_trouble(exc))
     # the run is over: a stop asked for now must not kill the interpreter's slow teardown,
     # or the exit status would say "killed by SIGTERM" about a run that finished
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,20 +107,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def die_with_parent() -> None:
-    """Under the daemon (LORA_SERVICE_PARENT_PID set): ask Linux to SIGKILL this process when
-    its parent dies, so a killed daemon leaves no orphaned training child behind."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def _failed(journal: Journal, run_id: str, exc: BaseException, disk: str | None) -> int:
+    """Report and journal a failed run; the exit status says whether the disk is to blame
+    (the daemon journals the failure itself when the disk refuses our RunFailed)."""
+    from lora_service.errors import ServiceError
+    from lora_service.journal.events import RunFailed
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # the parent (the daemon, or the launcher that sets this for its workers) may have died
-    # before prctl: then we were already re-parented
-    if str(os.getppid()) != parent:
-        os._exit(1)
+    expected = isinstance(exc, ServiceError) or disk is not None
+    reason = f"disk: {disk}" if disk else str(exc) if expected else f"{type(exc).__name__}: {exc}"
+    tail = "" if expected else traceback.format_exc()[-4000:]
+    print(f"error: run {run_id} failed: {reason}", file=sys.stderr)
+    if tail:
+        print(tail, file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # one RunFailed, not one per process
+        try:
+            journal.append(RunFailed(run_id=run_id, reason=reason or type(exc).__name__,
+                                     stderr_tail=tail))
+        except Exception as refused:  # noqa: BLE001
+            print(f"error: run {run_id}: cannot journal the failure: {refused}", file=sys.stderr)
+    return EX_TEMPFAIL if disk else 1
 
 
 if __name__ == "__main__":

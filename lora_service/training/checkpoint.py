@@ -16,6 +16,7 @@ fails its manifest check, so `latest_valid` skips it and takes the one before.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
 from lora_service.store import fsync_dir, sha256_file
 
@@ -62,6 +64,12 @@ class Checkpoint:
         return load_file(self.path / "rng.safetensors")["cpu"]
 
 
+def _torch_bytes(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -84,12 +92,14 @@ def save(
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(adapter, tmp / "adapter.safetensors", metadata={"step": str(step)})
-    torch.save(optimizer, tmp / "optimizer.pt")
+    # serialised in memory, written by us: a full disk is an OSError (ENOSPC) that says so,
+    # where torch.save and save_file to a path raise RuntimeError("unexpected pos ...")
+    (tmp / "adapter.safetensors").write_bytes(st_save(adapter, metadata={"step": str(step)}))
+    (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer))
     if os.environ.get(CRASH_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)  # a power cut half-way through the write
-    torch.save(scheduler, tmp / "scheduler.pt")
-    save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+    (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler))
+    (tmp / "rng.safetensors").write_bytes(st_save({"cpu": torch.get_rng_state()}))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True, indent=1))
     hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps(hashes, sort_keys=True, indent=1))

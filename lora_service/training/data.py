@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from lora_service.errors import ServiceError
 from lora_service.store import atomic_write_bytes, sha256_bytes
+from lora_service.training import heartbeat
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class EncodedData:
             for item in items:
                 self.latents.append(self._latent(item))
                 self.text.append(self._text(item.caption))
+                heartbeat.beat()
 
     def __len__(self) -> int:
         return len(self.items)

@@ -16,6 +16,10 @@
 SIGTERM/SIGINT set a flag; the loop checks it after each step, writes a checkpoint and returns
 `STOPPED` (exit 0): the run stays `running` in the journal and the next start resumes it.
 Any other failure is journaled `RunFailed` by `__main__` (exit 1).
+
+Every step beats the heartbeat (`heartbeat.beat`); loading, publishing and samples run under
+`heartbeat.phase`, so only the training loop's own progress (or lack of it) is what the daemon's
+stall watch sees.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from lora_service.journal.events import CheckpointSaved, LossLogged, RunResumed,
 from lora_service.journal.projections import canonical
 from lora_service.logs import get_logger
 from lora_service.store import sha256_bytes
-from lora_service.training import base_model, checkpoint
+from lora_service.training import base_model, checkpoint, heartbeat
 from lora_service.training.data import EncodedData, Item
 from lora_service.training.plan import batch_images, lineage_batches
 from lora_service.training.split import validation_set
@@ -280,15 +284,19 @@ class RunContext:
 
 
 def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = False,
-            stop: StopFlag | None = None) -> Outcome:
+            stop: StopFlag | None = None, hang_at_step: int | None = None) -> Outcome:
+    """Train `run_id` to a version (or to a checkpoint when stopped). `hang_at_step`: tests
+    only, the child stops making progress there, as a deadlocked one would."""
     stop = stop if stop is not None else StopFlag()
     run = find_run(journal, run_id)
-    ctx = RunContext(config, journal, run)
+    with heartbeat.phase():  # base model, pipeline: one slow load, nothing to beat inside
+        ctx = RunContext(config, journal, run)
     tr = ctx.trainer
     # the parent's loss on what it knew, measured with the same fixed noise before training
     parent_val = tr.validate(ctx.val_data) if run.parent is not None else None
-    ctx.resume()
-    tr.prepare()
+    with heartbeat.phase():
+        ctx.resume()
+        tr.prepare()
     t = ctx.run_config.train
     main = tr.accelerator.is_main_process  # only it writes the journal, logs and versions
     writer = _tensorboard(ctx) if main else None
@@ -298,6 +306,9 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
     started, images = time.perf_counter(), 0
     delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
     for step in tr.steps():
+        while step.step == hang_at_step:
+            time.sleep(3600)  # no beat, no checkpoint, deaf to SIGTERM: only SIGKILL ends it
+        heartbeat.beat()
         images += step.images
         if delay:
             time.sleep(delay)
@@ -344,20 +355,21 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
         if val["val_loss"] is not None:
             writer.add_scalar(f"{run_id}/val_loss", val["val_loss"], tr.global_step)
         writer.close()
-    version = publish(ctx, val) if main else None
-    if version is not None and ctx.config.samples.enabled:
-        # samples never fail the run: render_samples journals its own errors
-        from lora_service.versions.samples import render_samples
+    with heartbeat.phase():  # exporting, publishing and sampling call into other packages
+        version = publish(ctx, val) if main else None
+        if version is not None and ctx.config.samples.enabled:
+            # samples never fail the run: render_samples journals its own errors
+            from lora_service.versions.samples import render_samples
 
-        unwrap = tr.accelerator.unwrap_model
-        render_samples(
-            journal, ctx.config, version,
-            unet=unwrap(tr.unet, keep_fp32_wrapper=False),
-            text_encoder=(unwrap(tr.text_encoder, keep_fp32_wrapper=False) if tr.train_text
-                          else ctx.train_data.text_encoder),
-            vae=ctx.train_data.vae, tokenizer=ctx.train_data.tokenizer,
-            scheduler=tr.noise_scheduler,
-        )
+            unwrap = tr.accelerator.unwrap_model
+            render_samples(
+                journal, ctx.config, version,
+                unet=unwrap(tr.unet, keep_fp32_wrapper=False),
+                text_encoder=(unwrap(tr.text_encoder, keep_fp32_wrapper=False)
+                              if tr.train_text else ctx.train_data.text_encoder),
+                vae=ctx.train_data.vae, tokenizer=ctx.train_data.tokenizer,
+                scheduler=tr.noise_scheduler,
+            )
     return Outcome(FINISHED, tr.global_step, version, val)
 
 

@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from lora_service.config import Config
 from lora_service.errors import ServiceError
 from lora_service.journal.events import RunStarted
+from lora_service.training import heartbeat
 from lora_service.training.data import EncodedData
 
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -259,6 +260,7 @@ class Trainer:
             timesteps = torch.tensor(VALIDATION_TIMESTEPS, dtype=torch.long)
             gen = generator("validation", item.sha256)
             out.append(self._loss(latents, cond, gen, timesteps).item())
+            heartbeat.beat()
         self.unet.train()
         return out
 

@@ -46,7 +46,7 @@ def test_run_journals_start_and_stop_and_refuses_a_second_instance(
     state = tmp_path / "state"
     daemon = start(config)
     try:
-        wait_for_event(state, "ServiceStarted")
+        wait_for_event(state, "BaseModelRegistered")  # a stop before it would cut it short
         second = subprocess.run(
             [sys.executable, "-m", "lora_service", "run", "--config", str(config)],
             capture_output=True, text=True, timeout=TIMEOUT,
@@ -75,14 +75,44 @@ def test_sd_notify_ready_then_watchdog(write_config: Callable[..., Path], tmp_pa
     sock.bind(address)
     sock.settimeout(TIMEOUT)
     daemon = start(write_config(), NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
+    messages: list[str] = []
     try:
-        messages = [sock.recv(256).decode() for _ in range(3)]
+        while messages.count("WATCHDOG=1") < 2:
+            messages.append(sock.recv(256).decode())
     finally:
         daemon.send_signal(signal.SIGINT)
         daemon.wait(timeout=TIMEOUT)
         sock.close()
-    assert messages[0] == "READY=1"
-    assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+    lifecycle = [m for m in messages if not m.startswith(("STATUS=", "EXTEND_TIMEOUT_USEC="))]
+    assert lifecycle == ["READY=1", "WATCHDOG=1", "WATCHDOG=1"], messages
+    assert daemon.returncode == 0
+
+
+def test_base_registration_extends_the_start_timeout(write_config: Callable[..., Path],
+                                                     tmp_path: Path) -> None:
+    """Registering the base model (minutes for a real one) runs before READY=1: the daemon
+    asks systemd for more start time while it works instead of racing TimeoutStartSec."""
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(TIMEOUT)
+    daemon = start(write_config(), NOTIFY_SOCKET=address)
+    messages: list[str] = []
+    try:
+        while "READY=1" not in messages:
+            messages.append(sock.recv(256).decode())
+        messages.append(sock.recv(256).decode())  # the first STATUS= after READY
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=TIMEOUT)
+        sock.close()
+    before_ready = messages[: messages.index("READY=1")]
+    extends = [m for m in before_ready if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extends, messages
+    assert all(int(m.split("=")[1]) >= 20_000_000 for m in extends), extends
+    assert messages[-1] == "STATUS=idle", messages
+    with Journal.for_state(tmp_path / "state") as journal:
+        assert [e.type for e in journal.events()][:2] == ["ServiceStarted", "BaseModelRegistered"]
     assert daemon.returncode == 0
 
 
@@ -125,6 +155,7 @@ def test_a_child_killed_after_its_version_exists_is_not_a_failure(config: Config
                                        "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
             supervisor.child = Child(run_id, killed)
             supervisor._reap(journal, killed.wait())
+            supervisor._flush(journal)  # a failure is journaled through the backlog
         failed = [e.payload["run_id"] for e in journal.events(types=("RunFailed",))]
         assert failed == ["r0002"]
         status = {r["run_id"]: r["status"] for r in journal.query("SELECT * FROM runs")}

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from lora_service.daemon import child, supervisor
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "lora-service.service"
-pytestmark = pytest.mark.skipif(
+needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
 )
 
@@ -26,6 +28,7 @@ def unit(tmp_path: Path) -> Path:
     return path
 
 
+@needs_analyze
 def test_unit_verifies(unit: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                             text=True, timeout=60)
@@ -33,6 +36,7 @@ def test_unit_verifies(unit: Path) -> None:
     assert result.returncode == 0 and not problems, result.stderr
 
 
+@needs_analyze
 def test_unit_exposure_is_at_most_2(unit: Path) -> None:
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
@@ -51,3 +55,20 @@ def test_unit_has_what_the_design_requires() -> None:
                  "PrivateTmp=yes", "PrivateNetwork=yes", "UMask=0077",
                  "SystemCallFilter=@system-service", "CapabilityBoundingSet=\n"):
         assert line in text, line
+
+
+def seconds(value: str) -> float:
+    """A systemd time span as the unit writes it: '180', '90s', '3min', '2min 30s'."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
+    assert parts, value
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_stop_timeout_leaves_room_for_the_daemons_own_shutdown() -> None:
+    """systemd must not SIGKILL a daemon that is still inside its own stop sequence: finding
+    the workers, the child's checkpoint (STOP_TIMEOUT_S), its stderr, intake, ServiceStopped."""
+    found = re.search(r"^TimeoutStopSec=(.+)$", UNIT.read_text(), re.MULTILINE)
+    assert found, "TimeoutStopSec must be set (the default 90 s is shorter than a checkpoint)"
+    own = child.WORKERS_WAIT_S + supervisor.STOP_TIMEOUT_S + 2 + supervisor.INTAKE_JOIN_S
+    assert seconds(found.group(1)) >= own + 30, (found.group(1), own)
