@@ -194,3 +194,19 @@ def test_a_read_in_a_writable_folder_leaves_only_sqlites_own_files(tmp_path: Pat
         "journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"}
     wal = state / "journal.sqlite-wal"
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_the_daemon_and_train_now_on_a_read_only_mount_are_one_line(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """What starts training (the daemon, a foreground train-now) needs the lock and the logs:
+    on a read-only state each says so in one line, exit 2, and nothing changes."""
+    _journal(tmp_path / "state")
+    with read_only_mount(tmp_path / "state", tmp_path / "ro") as ro:
+        config = write_config({"paths": {"state": str(ro)}})
+        for args in (("train-now",), ("run",)):
+            result = lora(*args, "--config", str(config), cwd=tmp_path)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+            assert str(ro) in result.stderr and "Read-only file system" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["journal.sqlite"]
