@@ -17,7 +17,7 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch==2.13.0 is pinned in pyproject.toml: the local CPU build, never CUDA wheels.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml setup.py lora_service_torchvision.pth | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia'; then \
 		echo "error: a CUDA torch was pulled in (nvidia-* packages in $(VENV))"; exit 1; fi

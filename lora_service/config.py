@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -76,7 +78,9 @@ class Train(Section):
     )
     incremental_epochs: int = Field(default=5, ge=1, description="at most this many per increment")
     rehearsal_ratio: float = Field(
-        default=0.25, ge=0, le=1, description="share of older lineage samples mixed into a run"
+        default=0.25, ge=0, le=1,
+        description="old images' share of an incremental run: ratio x new / (1 - ratio) of "
+        "them (at least 1), drawn anew each run; 1: every old image",
     )
     lr_scheduler: Literal[
         "constant",
@@ -86,8 +90,19 @@ class Train(Section):
         "cosine_with_restarts",
         "polynomial",
     ] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    warmup_ratio: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="share of each run's steps spent warming up the learning rate "
+        "(ceil(ratio x steps)); the same share for a first run and for an increment",
+    )
+    warmup_steps: int = Field(
+        default=0, ge=0,
+        description="warmup of a lineage's first run (at most its steps); an increment warms "
+        "up over the same share of its own steps. Set this or warmup_ratio, not both",
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        default="no", description="fp16 needs a CUDA GPU; on the CPU use bf16 or no"
+    )
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(default=1.0, gt=0)
     seed: int = Field(default=0, ge=0, lt=2**32)
@@ -113,6 +128,26 @@ class Train(Section):
     @classmethod
     def _stall_duration(cls, value: Any) -> Any:
         return Schedule._duration(value)
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _one_warmup(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("warmup_ratio"):
+            raise ValueError(f"set warmup_steps or warmup_ratio ({info.data['warmup_ratio']}), "
+                             "not both")
+        return value
+
+    def warmup_for(self, steps: int, first_run_steps: int) -> int:
+        """Warmup steps of a run of `steps` steps whose lineage's first run took
+        `first_run_steps` (the same number for a first run). Warmup counted in absolute steps
+        against each run's own length would leave a short increment below its learning rate
+        for good, so an increment keeps the first run's share instead."""
+        if self.warmup_ratio:  # round(): 0.1 x 30 is 3.0000000000000004, meant as 3
+            return min(steps, math.ceil(round(self.warmup_ratio * steps, 9)))
+        if not self.warmup_steps:
+            return 0
+        first = max(1, first_run_steps)
+        return min(steps, -(-min(self.warmup_steps, first) * steps // first))
 
 
 class Schedule(Section):

@@ -11,7 +11,7 @@ import sys
 import click
 
 from lora_service import __version__
-from lora_service.cli import daemon, history, journal, media
+from lora_service.cli import daemon, history, imports, journal, media
 from lora_service.cli.common import echo
 from lora_service.errors import ServiceError
 
@@ -22,7 +22,7 @@ def cli() -> None:
     """Keep a LoRA adapter continuously and safely fine-tuned from an inbox folder."""
 
 
-for module in (daemon, journal, history, media):
+for module in (daemon, journal, history, imports, media):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -174,11 +174,21 @@ def _print_audit(record: dict[str, Any]) -> None:
     echo(f"base model: {base['spec']} sha256 {base['sha256']} (seq {base['seq']})")
     for v in record["lineage"]:
         echo("")
-        echo(
-            f"{v['version']}: parent {v['parent'] or 'base'}, run {v['run_id']}, step "
-            f"{v['step']} (+{v['steps']}), seed {v['seed']}, lr {v['learning_rate']}, "
-            f"train loss {_loss(v['train_loss'])}, val loss {_loss(v['val_loss'])}"
-        )
+        imported = v.get("imported")
+        if imported:
+            geometry = imported["geometry"]
+            echo(
+                f"{v['version']}: imported {imported['origin']} ({imported['format']}, sha256 "
+                f"{imported['sha256']}), rank {geometry['rank']}, alpha {geometry['alpha']:g}, "
+                f"{imported['modules']} modules: a lineage root on the base model"
+            )
+        else:
+            echo(
+                f"{v['version']}: parent {v['parent'] or 'base'}, run {v['run_id']}, step "
+                f"{v['step']} (+{v['steps']}), seed {v['seed']}, lr {v['learning_rate']}, "
+                f"epochs {v['epochs']}, train loss {_loss(v['train_loss'])}, val loss "
+                f"{_loss(v['val_loss'])}"
+            )
         for rel, sha in sorted(v["files"].items()):
             echo(f"  file {rel} {sha}")
         for batch in v["batches"]:

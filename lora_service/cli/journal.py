@@ -59,10 +59,13 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
     projected = journal.projected_seq() or 0
     holder = StateLock(state_dir).holder()
     daemon = read_status(state_dir) if holder else None
+    # verified: the head has a validation loss; without one no gate ever had evidence about it
+    measured = queries.version(journal, head["version"]) if head else None
     return {
         "head": (
             {"version": head["version"], "since": head["ts"], "reason": head["reason"],
-             "moved_by": head["moved_by"]}
+             "moved_by": head["moved_by"],
+             "verified": bool(measured and measured["val_loss"] is not None)}
             if head
             else None
         ),
@@ -99,6 +102,9 @@ def status(config_path: Path, as_json: bool) -> None:
         return
     head = info["head"]
     echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none")
+    if head and not head["verified"]:
+        echo(f"verified:  no, unverified: {head['version']} has no validation loss (no held-out "
+             "image in what it learned: one-image batches or validation_split 0)")
     run = info["running"]
     if run:
         eta = f", ETA {run['eta_seconds']:.0f}s" if run.get("eta_seconds") is not None else ""

@@ -127,12 +127,17 @@ class TrainingRequested(Event):
 
 
 class RunStarted(Event):
+    SCHEMA: ClassVar[int] = 2  # 2: rehearsal_seed, held_out_elsewhere (1 reads with defaults)
+
     run_id: str
     parent: str | None  # version the adapter starts from; None for a fresh lineage
     fresh: bool
     batches: tuple[str, ...]  # new batches
     rehearsal: tuple[str, ...] = ()  # earlier lineage batches mixed in
     rehearsal_images: tuple[str, ...] = ()  # "<batch_id>/<file>" picked from those batches
+    rehearsal_seed: int | None = None  # drew those picks (split.rehearsal_seed); None before 2
+    # sha256s in `batches` that their own split would train but another batch holds out
+    held_out_elsewhere: tuple[str, ...] = ()
     images: int = 0  # training images this run sees per epoch (validation images excluded)
     base_sha256: Sha256
     start_step: int  # global step the run starts from (the parent's step)
@@ -193,12 +198,42 @@ class VersionCreated(Event):
 
 
 class VersionHeld(Event):
+    SCHEMA: ClassVar[int] = 2  # 2: the per-batch fields (1 reads with defaults)
+
     version: str
     parent: str | None
     val_loss_known: float | None
     parent_val_loss_known: float | None
     tolerance: float
     reason: str
+    worse_batches: tuple[str, ...] = ()  # known batches whose own loss rose beyond tolerance
+    parent_val_loss_per_batch: dict[str, float] = Field(default_factory=dict)  # known batches
+    unchecked_batches: tuple[str, ...] = ()  # too small to hold out an image: never compared
+
+
+class ImportedGeometry(Frozen):
+    """An imported adapter's LoRA shape, in the config's own terms (`lora.*`)."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    train_text_encoder: bool
+
+
+class VersionImported(Event):
+    """An adapter trained elsewhere, stored as a version with no parent: a lineage root.
+
+    `files` holds the version folder as a published version's (peft layout, kohya file,
+    card.json) plus `origin/`, the bytes as they were imported."""
+
+    version: str
+    origin: str  # the file or folder name as given, without its folder (no local path)
+    format: Literal["kohya", "peft"]
+    sha256: Sha256  # of the imported weights file (adapter_model.safetensors for a peft folder)
+    origin_files: dict[str, Sha256]  # every file read, by its name in the origin
+    geometry: ImportedGeometry
+    modules: int  # LoRA modules (UNet and text encoder)
+    base_sha256: Sha256  # the base model it was checked against and stored for
 
 
 class HeadMoved(Event):
@@ -250,6 +285,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         BatchRequeued,
         SamplesRendered,
         VersionHeld,
+        VersionImported,
     )
 }
 

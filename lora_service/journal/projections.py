@@ -343,6 +343,33 @@ def _(event: ev.VersionHeld, seq: int, ts: str) -> list[Change]:
 
 
 @_changes.register
+def _(event: ev.VersionImported, seq: int, ts: str) -> list[Change]:
+    """A version like a trained one, with no run, parent, batches or losses (step 0: the next
+    run's steps count from it). Where it came from is in the event (`queries.imported`)."""
+    row = {
+        "version": event.version,
+        "run_id": None,
+        "parent": None,
+        "created_seq": seq,
+        "created_at": ts,
+        "batches": "[]",
+        "new_batches": "[]",
+        "images": 0,
+        "step": 0,
+        "steps": 0,
+        "train_loss": None,
+        "val_loss": None,
+        "val_loss_per_batch": "{}",
+        "val_loss_known": None,
+        "base_sha256": event.base_sha256,
+        "held": 0,
+        "held_reason": None,
+        "files": _json(event.files),
+    }
+    return [Upsert("versions", row)]
+
+
+@_changes.register
 def _(event: ev.HeadMoved, seq: int, ts: str) -> list[Change]:
     row = {"id": 1, "version": event.version, "previous": event.previous, "reason": event.reason}
     return [

@@ -29,6 +29,18 @@ def version(journal: Journal, name: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
+def imported(journal: Journal, name: str) -> dict[str, Any] | None:
+    """The `VersionImported` payload of `name` (origin, format, sha256, geometry, ...), with
+    its `seq`; None for a version trained here. Read from the event itself: an import is rare
+    and needs no projection table of its own."""
+    rows = journal.query(
+        "SELECT seq, payload FROM events WHERE type = 'VersionImported'"
+        " AND json_extract(payload, '$.version') = ? ORDER BY seq DESC LIMIT 1",
+        [name],
+    )
+    return {**json.loads(rows[0]["payload"]), "seq": rows[0]["seq"]} if rows else None
+
+
 def lineage(journal: Journal, name: str | None) -> list[str]:
     """`name`, its parent, its parent's parent ... back to the first version of the lineage."""
     parents = {

@@ -1,7 +1,9 @@
 """The training child: `python -m lora_service.training --config C --run RUN_ID`.
 
 Also `--register-base`: materialise and register the configured base model (the daemon does
-this in a child, since it imports torch), print its sha256, exit 0.
+this in a child, since it imports torch), print its sha256, exit 0. And `--import-adapter PATH
+[--format kohya|peft]`: `lora-service import` (`versions.importing`), one JSON line on success,
+`error: …` and exit 2 for a file that does not fit (nothing stored).
 
 Exit status: 0 when the run finished (a version was published) or was stopped by SIGTERM/SIGINT
 after saving a checkpoint (the run stays `running` in the journal; starting the child again
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from lora_service.config import Config
     from lora_service.journal import Journal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--run", dest="run_id", help="train this run (from its RunStarted)")
     what.add_argument("--register-base", action="store_true",
                       help="materialise and register the configured base model, then exit")
+    what.add_argument("--import-adapter", type=Path, metavar="PATH",
+                      help="import a kohya or peft LoRA as a new lineage root, then exit")
+    parser.add_argument("--format", choices=("kohya", "peft"), help="with --import-adapter")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--heartbeat", type=Path, help="touch this file as the run progresses")
     parser.add_argument("--hang-at-step", type=int, help=argparse.SUPPRESS)  # tests only
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 return exc.exit_code
             print(base.sha256, flush=True)
             return 0
+        if args.import_adapter is not None:
+            return _import(journal, config, args.import_adapter, args.format)
         from lora_service.training.run import StopFlag, execute, summary
 
     stop = StopFlag()
@@ -104,6 +112,25 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if os.environ.get("RANK", "0") == "0":
         print(summary(outcome), flush=True)
+    return 0
+
+
+def _import(journal: Journal, config: Config, path: Path, fmt: str | None) -> int:
+    """`lora-service import`'s torch side; expected failures are one `error:` line."""
+    import json
+
+    from lora_service.errors import ServiceError
+    from lora_service.versions.importing import import_adapter
+
+    try:
+        summary = import_adapter(journal, config, path, fmt)  # type: ignore[arg-type]
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # a full disk, an unreadable file: one line, nothing journaled
+        print(f"error: {exc.filename or path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, sort_keys=True), flush=True)
     return 0
 
 

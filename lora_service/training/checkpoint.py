@@ -5,6 +5,8 @@ A checkpoint folder holds
 - `optimizer.pt`, `scheduler.pt`: state dicts saved with `torch.save` and read back only with
   `torch.load(weights_only=True)` (tensors and plain containers; nothing is unpickled),
 - `rng.safetensors`: the torch CPU RNG state,
+- `grad_scaler.json` (fp16 on a GPU only): the GradScaler's state dict (scale, growth tracker and
+  factors: plain numbers), so a resumed fp16 run does not restart its loss scale at 65536,
 - `trainer_state.json`: run id, global and local step, epoch, the epoch's data order and the
   position in it, threads, config digest, losses so far,
 - `manifest.json`: the sha256 of every other file, written last.
@@ -34,6 +36,7 @@ from lora_service.store import fsync_dir, sha256_file
 
 PATTERN = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "manifest.json"
+GRAD_SCALER = "grad_scaler.json"
 # tests only: kill this process half-way through writing the checkpoint of this global step
 CRASH_ENV = "LORA_SERVICE_TEST_CRASH_IN_CHECKPOINT"
 
@@ -63,6 +66,11 @@ class Checkpoint:
     def rng(self) -> torch.Tensor:
         return load_file(self.path / "rng.safetensors")["cpu"]
 
+    def grad_scaler(self) -> dict[str, Any] | None:
+        """The fp16 grad scaler's state, None when the run had none."""
+        path = self.path / GRAD_SCALER
+        return json.loads(path.read_text()) if path.exists() else None
+
 
 def _torch_bytes(state: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
@@ -84,8 +92,10 @@ def save(
     optimizer: dict[str, Any],
     scheduler: dict[str, Any],
     trainer_state: dict[str, Any],
+    grad_scaler: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, str]]:
-    """Write one checkpoint atomically; return its folder and {state-relative path: sha256}."""
+    """Write one checkpoint atomically; return its folder and {state-relative path: sha256}.
+    `grad_scaler`: `GradScaler.state_dict()` of an fp16 run, None otherwise."""
     root = checkpoints_dir(state_dir, run_id)
     root.mkdir(parents=True, exist_ok=True)
     final = root / folder_name(step)
@@ -101,6 +111,8 @@ def save(
     (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler))
     (tmp / "rng.safetensors").write_bytes(st_save({"cpu": torch.get_rng_state()}))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True, indent=1))
+    if grad_scaler is not None:
+        (tmp / GRAD_SCALER).write_text(json.dumps(grad_scaler, sort_keys=True))
     hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps(hashes, sort_keys=True, indent=1))
     for p in tmp.iterdir():

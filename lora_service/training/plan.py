@@ -10,9 +10,14 @@ and then starts the training child on the run id.
    a new lineage from every batch the head's lineage knew plus the pending ones.
 3. An incremental run refuses a parent whose LoRA geometry or base model differs: loading
    misaligned weights would silently train garbage.
-4. Rehearsal mixes `rehearsal_ratio` of the lineage's older training images back in, picked by
-   a hash of the seed and the image, so the same journal always plans the same run.
-5. Steps: images per epoch (validation images excluded, `split.validation_set`), batch size
+4. Rehearsal mixes older lineage images back in so that they are `rehearsal_ratio` of the
+   run's images (`split.rehearsal_count`: sized by the new data, not by the whole history),
+   picked by a hash of the run's own seed (`split.rehearsal_seed`) and the image, so each run
+   rotates to other old images while the same journal always plans the same run. The seed and
+   the picks are journaled in `RunStarted`; the child and a resume train exactly those.
+5. No image that any accepted batch holds out for validation is trained, whichever batch it
+   comes from (`held_out`): the same bytes in two batches would otherwise leak validation.
+6. Steps: images per epoch (validation images excluded, `split.validation_set`), batch size
    and gradient accumulation give optimizer steps per epoch; x epochs, capped by max_steps.
 """
 
@@ -20,13 +25,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Set
 from typing import Any
 
 from lora_service.config import Config
 from lora_service.errors import UsageError
 from lora_service.journal import Journal, queries
 from lora_service.journal.events import RunStarted
-from lora_service.training.split import rehearsal_key, validation_set
+from lora_service.training.split import (
+    rehearsal_count,
+    rehearsal_key,
+    rehearsal_seed,
+    validation_set,
+)
 
 GEOMETRY = ("rank", "alpha", "target_modules", "train_text_encoder")
 
@@ -45,9 +56,21 @@ def batch_images(journal: Journal, batch_ids: list[str]) -> dict[str, list[dict[
     return out
 
 
-def training_images(rows: list[dict[str, Any]], split: float) -> list[dict[str, Any]]:
+def training_images(
+    rows: list[dict[str, Any]], split: float, held_anywhere: Set[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """A batch's rows that train: not in its own validation set, nor in `held_anywhere`."""
     held = validation_set((r["sha256"] for r in rows), split)
-    return [r for r in rows if r["sha256"] not in held]
+    return [r for r in rows if r["sha256"] not in held and r["sha256"] not in held_anywhere]
+
+
+def held_out(journal: Journal, split: float) -> set[str]:
+    """The sha256 of every image some accepted batch holds out for validation: an image is its
+    bytes, so one held out in any batch is trained from none."""
+    shas: dict[str, list[str]] = {}
+    for row in journal.query("SELECT batch_id, sha256 FROM batch_images"):
+        shas.setdefault(row["batch_id"], []).append(row["sha256"])
+    return {sha for batch in shas.values() for sha in validation_set(batch, split)}
 
 
 def steps_for(images: int, config: Config, epochs: int) -> int:
@@ -86,7 +109,10 @@ def check_geometry(journal: Journal, config: Config, head: str, base_sha256: str
             f"base_model: sha256 {base_sha256[:12]} but head {head} was trained on base "
             f"{row['base_sha256'][:12]} ({config.base_model}); {fix}"
         )
-    old = run_config(journal, head).get("lora", {})
+    # a version trained here has its run's config; an imported root, the geometry its import
+    # checked and journaled
+    old = run_config(journal, head).get("lora") or (
+        queries.imported(journal, head) or {}).get("geometry", {})
     new = config.effective()["lora"]
     for key in GEOMETRY:
         if key in old and _norm(old[key]) != _norm(new[key]):
@@ -139,23 +165,30 @@ def plan_run(
         new = pending
     else:
         new = list(dict.fromkeys([*(known if fresh else []), *pending]))
+    split = t.validation_split
+    held = held_out(journal, split)
     rows = batch_images(journal, new)
-    train_rows = {b: training_images(rows[b], t.validation_split) for b in new}
-    new = [b for b in new if train_rows[b]]
-    if not new:
-        return None
+    train_rows = {b: training_images(rows[b], split, held) for b in new}
+    if not any(train_rows.values()):
+        return None  # a batch whose every image is held out somewhere stays pending with it
     images = sum(len(train_rows[b]) for b in new)
+    # images the batch's own split would train but another batch holds out (the child skips)
+    elsewhere = sorted({r["sha256"] for b in new for r in training_images(rows[b], split)} & held)
 
+    run_id = next_run_id(journal)
+    seed = rehearsal_seed(t.seed, run_id)
     rehearsal_images: list[str] = []
     if parent is not None and t.rehearsal_ratio > 0:
         old = batch_images(journal, known)
-        pool = [
-            (rehearsal_key(t.seed, r["sha256"]), f"{b}/{r['file']}")
-            for b in known
-            for r in training_images(old[b], t.validation_split)
-        ]
-        take = math.ceil(len(pool) * t.rehearsal_ratio)
-        rehearsal_images = sorted(name for _, name in sorted(pool)[:take])
+        fresh_shas = {r["sha256"] for b in new for r in train_rows[b]}
+        pool: dict[str, str] = {}  # sha256 -> "<batch_id>/<file>", an image counted once
+        for b in known:
+            for r in training_images(old[b], split, held):
+                if r["sha256"] not in fresh_shas:
+                    pool.setdefault(r["sha256"], f"{b}/{r['file']}")
+        take = rehearsal_count(images, t.rehearsal_ratio, len(pool))
+        picked = sorted(pool, key=lambda sha: rehearsal_key(seed, sha))[:take]
+        rehearsal_images = sorted(pool[sha] for sha in picked)
     rehearsal = sorted({name.split("/", 1)[0] for name in rehearsal_images})
     images += len(rehearsal_images)
 
@@ -166,12 +199,14 @@ def plan_run(
         epochs = min(t.epochs, t.incremental_epochs)
         start_step = int(queries.version(journal, parent)["step"])  # type: ignore[index]
     return RunStarted(
-        run_id=next_run_id(journal),
+        run_id=run_id,
         parent=parent,
         fresh=fresh or parent is None,
         batches=tuple(new),
         rehearsal=tuple(rehearsal),
         rehearsal_images=tuple(rehearsal_images),
+        rehearsal_seed=seed,
+        held_out_elsewhere=tuple(elsewhere),
         images=images,
         base_sha256=base_sha256,
         start_step=start_step,

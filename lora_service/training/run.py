@@ -2,12 +2,15 @@
 
 `execute(config, run_id)`:
 1. Read the run's `RunStarted` from the journal: it fixes everything (batches, rehearsal images,
-   steps, lr, seed, threads, effective config). The child never re-plans.
+   steps, lr, seed, threads, effective config). The child never re-plans. fp16 without a CUDA
+   GPU is refused here (`trainer.check_precision`).
 2. Materialise the base model and check its sha256 against the run's.
 3. Encode the training and validation images once (latents + text embeddings, cached).
-4. Build the trainer (LoRA, parent adapter when incremental), then look for the newest checkpoint
-   whose files verify: resume from it (`RunResumed`), or, when the run already has a folder but
-   no usable checkpoint, restart from the beginning (`RunResumed` with checkpoint None and why).
+4. Build the trainer (LoRA, parent adapter when incremental; warmup from `Train.warmup_for`
+   and the lineage's first run) and hand it to accelerate; validate the parent through that
+   same prepared model; then look for the newest checkpoint whose files verify: resume from it
+   (`RunResumed`), or, when the run already has a folder but no usable checkpoint, restart from
+   the beginning (`RunResumed` with checkpoint None and why).
 5. Train; every `save_steps` and at the end write a checkpoint (`CheckpointSaved`, pruning beyond
    `keep_checkpoints`); `LossLogged` every LOSS_EVERY steps and at the last.
 6. Validate (fixed noise per image), then publish the version through
@@ -48,7 +51,7 @@ from lora_service.training import base_model, checkpoint, heartbeat
 from lora_service.training.data import EncodedData, Item
 from lora_service.training.plan import batch_images, lineage_batches
 from lora_service.training.split import validation_set
-from lora_service.training.trainer import Trainer
+from lora_service.training.trainer import Trainer, check_precision
 
 LOSS_EVERY = 5
 log = get_logger("lora_service.training")
@@ -95,6 +98,7 @@ def _items(journal: Journal, run: RunStarted, split: float) -> tuple[list[Item],
     wanted = list(dict.fromkeys([*run.batches, *run.rehearsal, *parent_known]))
     rows = batch_images(journal, wanted)
     rehearsal = set(run.rehearsal_images)
+    elsewhere = set(run.held_out_elsewhere)  # another batch validates on these bytes
     train: list[Item] = []
     val: list[Item] = []
     for batch_id in wanted:
@@ -103,9 +107,21 @@ def _items(journal: Journal, run: RunStarted, split: float) -> tuple[list[Item],
             item = Item(batch_id, r["file"], r["sha256"], r["caption"])
             if r["sha256"] in held:
                 val.append(item)
-            elif batch_id in run.batches or item.name in rehearsal:
+            elif (batch_id in run.batches and r["sha256"] not in elsewhere
+                  or item.name in rehearsal):
                 train.append(item)
     return train, val
+
+
+def first_run_steps(journal: Journal, run: RunStarted) -> int:
+    """Steps of the first run of `run`'s lineage (`run` itself when it starts one, or when its
+    lineage holds no run of ours, e.g. an imported root): `train.warmup_steps` counts there."""
+    for version in reversed(queries.lineage(journal, run.parent)):  # oldest first
+        rows = journal.query("SELECT r.total_steps FROM versions v JOIN runs r"
+                             " ON r.run_id = v.run_id WHERE v.version = ?", [version])
+        if rows and rows[0]["total_steps"]:
+            return int(rows[0]["total_steps"])
+    return run.total_steps
 
 
 def _mean(values: list[float]) -> float | None:
@@ -137,6 +153,7 @@ class RunContext:
         # digest of the run's recorded config (paths excluded: a moved state folder resumes)
         recorded = {k: v for k, v in run.config.items() if k != "paths"}
         self.config_digest = sha256_bytes(canonical(recorded).encode())
+        check_precision(self.run_config.train.mixed_precision)  # before anything slow
         torch.set_num_threads(run.threads)
         self.base = base_model.materialise(self.run_config.base_model, self.state_dir)
         if self.base.sha256 != run.base_sha256:
@@ -172,6 +189,7 @@ class RunContext:
             unet,
             scheduler,
             text_encoder=text_encoder if train_text else None,
+            warmup_steps=t.warmup_for(run.total_steps, first_run_steps(journal, run)),
         )
         if run.parent is not None:
             self._load_parent()
@@ -190,8 +208,8 @@ class RunContext:
 
     def trainer_state(self) -> dict[str, Any]:
         tr = self.trainer
-        micro = tr.local_step * tr.micro
-        epoch, pos = divmod(micro, tr.micro_per_epoch)
+        epoch, k = divmod(tr.local_step, tr.steps_per_epoch)
+        pos = k * tr.micro  # micro-batches of the epoch's order already trained
         return {
             "run_id": self.run.run_id,
             "step": tr.global_step,
@@ -220,6 +238,7 @@ class RunContext:
             optimizer=opt.state_dict(),
             scheduler=sched.state_dict(),
             trainer_state=self.trainer_state(),
+            grad_scaler=scaler.state_dict() if (scaler := tr.accelerator.scaler) else None,
         )
         keep = self.run_config.train.keep_checkpoints
         old = checkpoint.prunable(self.state_dir, self.run.run_id, keep)
@@ -271,6 +290,9 @@ class RunContext:
         tr.load_adapter(ckpt.adapter())
         tr.optimizer.load_state_dict(ckpt.torch_state("optimizer.pt"))
         tr.lr_scheduler.load_state_dict(ckpt.torch_state("scheduler.pt"))
+        scaler_state = ckpt.grad_scaler()
+        if tr.accelerator.scaler is not None and scaler_state is not None:  # fp16 on a GPU
+            tr.accelerator.scaler.load_state_dict(scaler_state)
         tr.local_step = int(state["local_step"])
         tr.losses = [float(x) for x in state["losses"]]
         torch.set_rng_state(ckpt.rng())  # after the adapter was built: building it draws
@@ -292,11 +314,16 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
     with heartbeat.phase():  # base model, pipeline: one slow load, nothing to beat inside
         ctx = RunContext(config, journal, run)
     tr = ctx.trainer
-    # the parent's loss on what it knew, measured with the same fixed noise before training
+    if tr.warmup_steps:
+        _log(f"run {run_id}: learning rate warms up over {tr.warmup_steps} of "
+             f"{run.total_steps} steps")
+    with heartbeat.phase():
+        tr.prepare()
+    # the parent's loss on what it knew, before training (and before a checkpoint replaces its
+    # weights), through the same prepared model as the child's: same device, same autocast
     parent_val = tr.validate(ctx.val_data) if run.parent is not None else None
     with heartbeat.phase():
         ctx.resume()
-        tr.prepare()
     t = ctx.run_config.train
     main = tr.accelerator.is_main_process  # only it writes the journal, logs and versions
     writer = _tensorboard(ctx) if main else None
@@ -346,11 +373,12 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
 
     losses = tr.validate(ctx.val_data)
     val = _val_losses(ctx.val_data.items, losses, ctx.parent_known)
-    if parent_val is not None:
-        val["parent_val_loss_known"] = _val_losses(
-            ctx.val_data.items, parent_val, ctx.parent_known)["val_loss_known"]
-    else:
-        val["parent_val_loss_known"] = None
+    val["parent_val_loss_known"], val["parent_val_loss_per_batch"] = None, {}
+    if parent_val is not None:  # the gate compares each batch the parent knew on its own too
+        before = _val_losses(ctx.val_data.items, parent_val, ctx.parent_known)
+        val["parent_val_loss_known"] = before["val_loss_known"]
+        val["parent_val_loss_per_batch"] = {
+            b: v for b, v in before["val_loss_per_batch"].items() if b in ctx.parent_known}
     if writer is not None:
         if val["val_loss"] is not None:
             writer.add_scalar(f"{run_id}/val_loss", val["val_loss"], tr.global_step)
@@ -389,7 +417,7 @@ def publish(ctx: RunContext, val: dict[str, Any]) -> str | None:
         _log(f"run {ctx.run.run_id}: lora_service.versions.publish missing; no version made")
         return None
     tr = ctx.trainer
-    per_epoch = max(1, -(-tr.micro_per_epoch // tr.micro))
+    per_epoch = tr.steps_per_epoch
     started = ctx.journal.query("SELECT started_at FROM runs WHERE run_id = ?", [ctx.run.run_id])
     from lora_service.journal.sqlite import utc_now
 
@@ -401,9 +429,10 @@ def publish(ctx: RunContext, val: dict[str, Any]) -> str | None:
         text_encoder=tr.accelerator.unwrap_model(tr.text_encoder) if tr.train_text else None,
         step=tr.global_step,
         steps=ctx.run.total_steps,
-        epochs=ctx.run.epochs,
+        epochs=tr.epochs_trained(ctx.run.total_steps),  # less than planned under max_steps
         train_loss=train_loss(tr.losses, per_epoch),
         images=len(ctx.train_data),
+        validation_images=len(ctx.val_data),
         manifest=manifest(ctx.journal, ctx.train_data.items),
         started_at=started[0]["started_at"] if started else utc_now(),
         finished_at=utc_now(),

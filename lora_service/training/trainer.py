@@ -3,19 +3,24 @@
 1. The UNet is frozen and peft LoRA layers are added to `lora.target_modules` (optionally the
    text encoder's attention projections too). A fresh lineage seeds the LoRA init from the run's
    seed; an incremental run loads its parent version's adapter instead.
-2. accelerate handles mixed precision and gradient accumulation (and, launched through
-   `accelerate launch`, several processes).
+2. accelerate handles mixed precision (and, launched through `accelerate launch`, several
+   processes). Gradient accumulation is ours: an optimizer step takes `gradient_accumulation_steps`
+   micro-batches of one epoch, the epoch's last step takes what is left, so an epoch is one pass
+   over the data and a run of E epochs takes E x ceil(micro-batches / accumulation) steps, as
+   diffusers' train_text_to_image_lora.py and kohya's train_network.py count them
+   (`num_update_steps_per_epoch`). A step's gradient is the mean over its micro-batches.
 3. The data order of epoch e is `randperm` from a generator seeded by (seed, e); the noise and
    timesteps of micro-batch m are drawn from a generator seeded by (seed, global step, m). No step
    depends on RNG state left behind by an earlier step, so a resumed run needs only the adapter,
-   optimizer, LR scheduler and step to continue bit-identically (the torch RNG state is saved
-   and restored anyway, after the adapter is built, for anything a library draws).
-4. Validation uses its own fixed generator per image and fixed timesteps, so the losses of
-   different versions on the same image are comparable.
+   optimizer, LR scheduler, fp16 grad scaler and step to continue bit-identically (the torch RNG
+   state is saved and restored anyway, after the adapter is built, for anything a library draws).
+4. Validation uses its own fixed generator per image and fixed timesteps, and always runs on the
+   prepared model (same device, same autocast), so the losses of a parent and its child compare.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -79,7 +84,10 @@ class Trainer:
         *,
         text_encoder: Any = None,
         parent_adapter: Path | None = None,
+        warmup_steps: int | None = None,
     ) -> None:
+        """`warmup_steps`: this run's warmup (`Train.warmup_for`); by default the run's own
+        share as if it were its lineage's first run."""
         self.config, self.run, self.data = config, run, data
         self.unet, self.text_encoder, self.noise_scheduler = unet, text_encoder, noise_scheduler
         lora = config.lora
@@ -87,6 +95,15 @@ class Trainer:
         self.train_text = lora.train_text_encoder
         self.micro = t.gradient_accumulation_steps
         self.batch_size = t.batch_size
+        # without CUDA, `accelerate launch --multi_gpu` gives several CPU processes (gloo);
+        # split_batches: each process takes a share of one batch (see `steps`), so the LR
+        # schedule steps once per optimizer step, not once per process
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(
+            cpu=several and not torch.cuda.is_available(),
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            mixed_precision=t.mixed_precision,
+        )
 
         # 1. LoRA layers. Adding them draws random numbers (kaiming init of lora_A), so the
         #    init is seeded from the run, and a resumed run restores the RNG only after this.
@@ -122,21 +139,14 @@ class Trainer:
             params += [p for p in text_encoder.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=run.learning_rate)
+        if warmup_steps is None:
+            warmup_steps = t.warmup_for(run.total_steps, run.total_steps)
+        self.warmup_steps = warmup_steps
         self.lr_scheduler = get_scheduler(
             t.lr_scheduler,
             optimizer=self.optimizer,
-            num_warmup_steps=t.warmup_steps,
+            num_warmup_steps=warmup_steps,
             num_training_steps=run.total_steps,
-        )
-        # without CUDA, `accelerate launch --multi_gpu` gives several CPU processes (gloo);
-        # split_batches: each process takes a share of one batch (see `steps`), so the LR
-        # schedule steps once per optimizer step, not once per process
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(
-            cpu=several and not torch.cuda.is_available(),
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
-            mixed_precision=t.mixed_precision,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
         )
         self.local_step = 0  # optimizer steps done in this run
         self.losses: list[float] = []  # one per optimizer step, kept in checkpoints
@@ -155,12 +165,14 @@ class Trainer:
         return out
 
     def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        """Load LoRA weights, before or after `prepare` (into the model inside any wrapper)."""
+        unwrap = self.accelerator.unwrap_model
         unet_state = {k: v for k, v in state.items() if not k.startswith(TEXT_PREFIX)}
-        _load_into(self.unet, unet_state, "UNet")
+        _load_into(unwrap(self.unet), unet_state, "UNet")
         if self.train_text:
             te_state = {k[len(TEXT_PREFIX):]: v for k, v in state.items()
                         if k.startswith(TEXT_PREFIX)}
-            _load_into(self.text_encoder, te_state, "text encoder")
+            _load_into(unwrap(self.text_encoder), te_state, "text encoder")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -170,20 +182,37 @@ class Trainer:
 
     @property
     def micro_per_epoch(self) -> int:
+        """Micro-batches in one pass over the data (the last one may hold fewer images)."""
         return math.ceil(len(self.data) / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch; `plan.steps_for` counts the same."""
+        return math.ceil(self.micro_per_epoch / self.micro)
+
+    def window(self, local_step: int) -> tuple[int, range]:
+        """(epoch, positions in the epoch's micro-batch order) of this run's optimizer step
+        `local_step` (0-based): never more than one epoch."""
+        epoch, k = divmod(local_step, self.steps_per_epoch)
+        first = k * self.micro
+        return epoch, range(first, min(first + self.micro, self.micro_per_epoch))
+
+    def epochs_trained(self, steps: int) -> int:
+        """Epochs that `steps` optimizer steps of this run reach into (the last may be cut
+        short by `max_steps`): what kohya's `ss_epoch` says."""
+        return math.ceil(steps / self.steps_per_epoch)
 
     def order(self, epoch: int) -> list[int]:
         """The data order of an epoch: a pure function of the seed and the epoch."""
         n = len(self.data)
         return torch.randperm(n, generator=generator(self.run.seed, "order", epoch)).tolist()
 
-    def micro_batch(self, micro: int) -> list[int]:
-        """Item indices of the run's micro-batch number, all processes together."""
-        epoch, pos = divmod(micro, self.micro_per_epoch)
+    def micro_batch(self, epoch: int, pos: int) -> list[int]:
+        """Item indices of micro-batch `pos` of `epoch`, all processes together."""
         return self.order(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
 
     def prepare(self) -> None:
-        """Hand models and optimizer to accelerate (after any checkpoint was loaded)."""
+        """Hand models and optimizer to accelerate (a checkpoint may be loaded before or after)."""
         self.raw_optimizer, self.raw_scheduler = self.optimizer, self.lr_scheduler
         prepared = self.accelerator.prepare(self.unet, self.optimizer, self.lr_scheduler)
         self.unet, self.optimizer, self.lr_scheduler = prepared
@@ -211,40 +240,38 @@ class Trainer:
     def steps(self) -> Iterator[Step]:
         """Run the remaining optimizer steps, yielding after each one."""
         self.unet.train()
+        models = [self.unet, self.text_encoder] if self.train_text else [self.unet]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
         while self.local_step < self.run.total_steps:
             started = time.perf_counter()
             losses, images = [], 0
-            for j in range(self.micro):
-                micro = self.local_step * self.micro + j
-                indices = self.micro_batch(micro)
+            epoch, window = self.window(self.local_step)
+            for j, pos in enumerate(window):
+                indices = self.micro_batch(epoch, pos)
                 # under `accelerate launch`, each process takes its share of the micro-batch
                 # (one item at least: every process must step, so a short tail repeats one)
-                world, rank = self.accelerator.num_processes, self.accelerator.process_index
                 mine = indices[rank::world] or [indices[rank % len(indices)]]
                 latents, cond = self.data.batch(mine)
                 # noise and timesteps: drawn from (seed, global step, micro-batch) alone
-                gen = generator(self.run.seed, "noise", self.global_step + 1, j,
-                                self.accelerator.process_index)
-                with self.accelerator.accumulate(self.unet):
+                gen = generator(self.run.seed, "noise", self.global_step + 1, j, rank)
+                with contextlib.ExitStack() as stack:
+                    if j < len(window) - 1:  # processes average gradients once, on the last
+                        for model in models:
+                            stack.enter_context(self.accelerator.no_sync(model))
                     loss = self._loss(latents, cond, gen)
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(self.params,
-                                                         self.config.train.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.accelerator.backward(loss / len(window))
                 losses.append(self.accelerator.reduce(loss.detach(), "mean").item())
                 images += len(indices)
+            self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
             lr = self.lr_scheduler.get_last_lr()[0]
             self.local_step += 1
             mean = sum(losses) / len(losses)
             self.losses.append(mean)
             elapsed = max(time.perf_counter() - started, 1e-9)
             yield Step(self.global_step, mean, lr, images, images / elapsed)
-
-    def epoch(self) -> int:
-        return (self.local_step * self.micro) // self.micro_per_epoch
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -263,6 +290,16 @@ class Trainer:
             heartbeat.beat()
         self.unet.train()
         return out
+
+
+def check_precision(mixed_precision: str) -> None:
+    """Refuse fp16 without a CUDA GPU: accelerate would silently train in fp32 on the CPU
+    (it autocasts only bf16 there), and the run would claim a precision it never used."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ServiceError(
+            "train.mixed_precision: fp16 needs a CUDA GPU and this machine has none (on the "
+            "CPU it would silently train in fp32); set bf16 or no"
+        )
 
 
 def _load_into(model: Any, state: dict[str, torch.Tensor], what: str) -> None:

@@ -23,6 +23,7 @@ from lora_service.versions.verify import verify_version_files
 RUN_EVENTS = ("RunStarted", "CheckpointSaved", "RunResumed", "RunFailed")
 VERSION_EVENTS = (
     "VersionCreated", "HeadMoved", "VersionHeld", "VersionExported", "SamplesRendered",
+    "VersionImported",
 )
 
 
@@ -243,6 +244,8 @@ def audit_record(journal: Journal, state: Path, version: str) -> dict[str, Any]:
             "fresh": bool(run.get("fresh")),
             "config": _loads(run.get("config"), {}),
             "files": files,
+            # an adapter trained elsewhere: origin name, format, file sha256, geometry
+            "imported": queries.imported(journal, name),
             "batches": batches,
             "events": _events_of(journal, row["run_id"], name),
         })

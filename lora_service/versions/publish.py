@@ -11,7 +11,9 @@ temporary sibling name (`.vNNNN.tmp-<pid>`), every file fsynced, then renamed. I
 - `adapter/`: the peft layout (`versions.export.write_peft`), what the next run starts from;
 - `<config.name>-vNNNN.safetensors`: the kohya/WebUI file with `ss_*` metadata;
 - `card.json`: the version's record (parent, batches, images, steps, losses, effective
-  config, seed, base sha256, the other files' sha256, the image manifest).
+  config, seed, base sha256, the other files' sha256, the image manifest). Like the kohya
+  file it may travel, so its config is `export.shareable_config` (no local paths); the
+  journal's `RunStarted` keeps the config as run.
 
 Each of them carries the journal witness (`versions.witness`): the seq and hash of the last
 event before the version was decided, which `verify --witness` checks against the chain.
@@ -23,8 +25,10 @@ Deploy: whenever the head moves and `paths.deploy_dir` is set, the head's kohya 
 atomically to `deploy_dir/<config.name>.safetensors` and `VersionExported(kind="deploy")` is
 journaled. One fixed name, on purpose: a WebUI prompt's `<lora:NAME:1>` keeps pointing at the
 head across promotions and rollbacks, and the folder does not grow with every version (each
-version's own file stays in its version folder, and `export` writes it anywhere). The file's
-`ss_output_name` and `lora_service_version` metadata say which version it is.
+version's own file stays in its version folder, and `export` writes it anywhere). Every kohya
+file's `ss_output_name` is that fixed name too (WebUI's alias for the LoRA, so the alias keeps
+resolving after the head moves); `lora_service_version` and `modelspec.title` say which version
+it is.
 """
 
 from __future__ import annotations
@@ -37,13 +41,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lora_service.config import Config
 from lora_service.errors import ServiceError, UsageError
-from lora_service.journal import Journal
+from lora_service.journal import Journal, queries
 from lora_service.journal.events import HeadMoved, VersionCreated, VersionExported, VersionHeld
 from lora_service.journal.sqlite import utc_now
 from lora_service.logs import get_logger
 from lora_service.store import atomic_copy, atomic_writer, fsync_dir, fsync_tree, sha256_file
 from lora_service.versions import witness
-from lora_service.versions.gate import decide
+from lora_service.versions.gate import decide, worse_batches
 from lora_service.versions.verify import kohya_file, verify_version_files, version_dir
 
 if TYPE_CHECKING:
@@ -114,6 +118,21 @@ def _captions(journal: Journal, manifest: dict[str, str]) -> dict[str, list[str]
 # -- publishing ------------------------------------------------------------------------------
 
 
+def _base_hashes(journal: Journal, state: Path, sha256: str) -> dict[str, str]:
+    """The base model's `ss_sd_model_hash`/`ss_new_sd_model_hash` (`export.sd_model_hashes`),
+    from its `BaseModelRegistered`: both for a single-file base, none for a folder or the
+    builtin (or a base the journal does not know)."""
+    from lora_service.versions import export
+
+    row = _one(journal, "SELECT kind, path FROM base_models WHERE sha256 = ?", [sha256])
+    if row is None:
+        return {}
+    path = Path(row["path"]) if row["path"] else None
+    if path is not None and not path.is_absolute():
+        path = state / path
+    return export.sd_model_hashes(row["kind"], path, sha256)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> str:
     blob = (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
     with atomic_writer(path) as fh:
@@ -137,9 +156,11 @@ def publish_version(
     val_loss_known: float | None,
     parent_val_loss_known: float | None,
     images: int,
+    parent_val_loss_per_batch: dict[str, float] | None = None,
     manifest: dict[str, str],
     started_at: str,
     finished_at: str,
+    validation_images: int | None = None,
 ) -> str:
     """Write `state/versions/vNNNN/`, journal it and the gate's verdict, deploy if promoted;
     return the version name. A run that already published returns its version unchanged.
@@ -147,8 +168,11 @@ def publish_version(
     `step` is the global step at the end (the parent's step + this run's `steps`); `manifest`
     maps every image and caption file trained on (path relative to the state folder) to its
     sha256. The gate (`versions.gate.decide`) uses the run's recorded `train.promote` and
-    `train.promote_tolerance`; a version whose parent is no longer the head (someone moved it
-    while the run trained) is held rather than undoing that move."""
+    `train.promote_tolerance`, per batch the parent knew (`parent_val_loss_per_batch`, measured
+    on the same images as `val_loss_per_batch`) and pooled; a version whose parent is no longer
+    the head (someone moved it while the run trained) is held rather than undoing that move.
+    `validation_images` (the images held out, when the caller counts them) goes into the kohya
+    file's metadata (`ss_num_validation_images`)."""
     from lora_service.versions import export
 
     run = _one(journal, "SELECT * FROM runs WHERE run_id = ?", [run_id])
@@ -163,6 +187,9 @@ def publish_version(
     new_batches: list[str] = json.loads(run["batches"] or "[]")
     rehearsal: list[str] = json.loads(run["rehearsal"] or "[]")
     batches = list(dict.fromkeys(new_batches + rehearsal))
+    parent_per_batch = dict(sorted((parent_val_loss_per_batch or {}).items()))
+    unchecked = _unchecked(journal, parent, batches, val_loss_per_batch)
+    tolerance = float(train.get("promote_tolerance", config.train.promote_tolerance))
 
     state = config.paths.state
     version = next_version_name(journal)
@@ -199,7 +226,8 @@ def publish_version(
             text_encoder_state=te_state,
         )
         metadata = export.ss_metadata(
-            output_name=kohya.removesuffix(".safetensors"),
+            output_name=config.name,
+            title=kohya.removesuffix(".safetensors"),
             version=version,
             parent=parent,
             parent_sha256=parent_sha,
@@ -220,6 +248,8 @@ def publish_version(
             journal_seq=last_seq,
             journal_hash=last_hash,
             text_encoder=te_state is not None,
+            sd_model_hashes=_base_hashes(journal, state, run["base_sha256"]),
+            validation_images=validation_images,
         )
         files = {f"{ADAPTER_DIR}/{k}": v for k, v in adapter_files.items()}
         files[kohya] = export.write_kohya(tmp / kohya, tensors, metadata)
@@ -243,9 +273,12 @@ def publish_version(
             "val_loss_per_batch": val_loss_per_batch,
             "val_loss_known": val_loss_known,
             "parent_val_loss_known": parent_val_loss_known,
+            "parent_val_loss_per_batch": parent_per_batch,
+            "worse_batches": worse_batches(tolerance, val_loss_per_batch, parent_per_batch),
+            "unchecked_batches": unchecked,
             "base_sha256": run["base_sha256"],
             "lora": lora,
-            "config": effective,
+            "config": export.shareable_config(effective),
             "manifest": manifest,
             "files": dict(sorted(files.items())),
             "parent_kohya_sha256": parent_sha,
@@ -280,9 +313,9 @@ def publish_version(
         base_sha256=run["base_sha256"],
     )
     mode = str(train.get("promote", config.train.promote))
-    tolerance = float(train.get("promote_tolerance", config.train.promote_tolerance))
     verdict = _verdict(
-        version, parent, head(journal), mode, tolerance, val_loss_known, parent_val_loss_known
+        version, parent, head(journal), mode, tolerance, val_loss_known, parent_val_loss_known,
+        per_batch=val_loss_per_batch, parent_per_batch=parent_per_batch, unchecked=unchecked,
     )
     promote = isinstance(verdict, HeadMoved)
     journal.append(created, verdict)
@@ -303,9 +336,14 @@ def _verdict(
     tolerance: float,
     known: float | None,
     parent_known: float | None,
+    *,
+    per_batch: dict[str, float],
+    parent_per_batch: dict[str, float],
+    unchecked: list[str],
 ) -> HeadMoved | VersionHeld:
     """The gate's event for a new version; a parent that is no longer the head holds it."""
-    promote, reason = decide(mode, tolerance, known, parent_known)
+    promote, reason = decide(mode, tolerance, known, parent_known, per_batch=per_batch,
+                             parent_per_batch=parent_per_batch, unchecked=unchecked)
     if promote and parent is not None and current != parent:
         promote = False
         reason = (
@@ -321,7 +359,25 @@ def _verdict(
         parent_val_loss_known=parent_known,
         tolerance=tolerance,
         reason=reason,
+        worse_batches=tuple(worse_batches(tolerance, per_batch, parent_per_batch)),
+        parent_val_loss_per_batch=parent_per_batch,
+        unchecked_batches=tuple(unchecked),
     )
+
+
+def _unchecked(
+    journal: Journal, parent: str | None, batches: list[str], per_batch: dict[str, float]
+) -> list[str]:
+    """Batches this version stands for (its parent's lineage and its own) that have no
+    validation loss: no held-out image, so no gate ever compares them."""
+    lineage = queries.lineage(journal, parent)
+    known: list[str] = []
+    if lineage:
+        marks = ", ".join("?" for _ in lineage)
+        known = [r["batch_id"] for r in journal.query(
+            f"SELECT DISTINCT batch_id FROM version_batches WHERE version IN ({marks})"
+            " ORDER BY batch_id", lineage)]
+    return sorted(b for b in {*known, *batches} if b not in per_batch)
 
 
 # -- the head --------------------------------------------------------------------------------

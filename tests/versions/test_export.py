@@ -1,10 +1,12 @@
 """The two on-disk formats: the kohya file loads back in diffusers with the same output as the
-trained peft model (alpha != rank, so the converter's alpha = rank trap would show), and the
-peft layout round-trips bit-exactly."""
+trained peft model (alpha != rank, so the converter's alpha = rank trap would show) and carries
+the metadata kohya writes, the peft layout round-trips bit-exactly, and no published or
+exported file holds a local path."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,6 @@ SS_KEYS = (
     "ss_network_dim",
     "ss_network_alpha",
     "ss_base_model_version",
-    "ss_sd_model_hash",
-    "ss_new_sd_model_hash",
     "ss_learning_rate",
     "ss_lr_scheduler",
     "ss_optimizer",
@@ -41,6 +41,21 @@ SS_KEYS = (
     "ss_training_started_at",
     "ss_training_finished_at",
     "ss_output_name",
+    "ss_session_id",
+    "ss_clip_skip",
+    "ss_noise_offset",
+    "ss_bucket_info",
+    "ss_enable_bucket",
+    "ss_total_batch_size",
+    "ss_num_batches_per_epoch",
+    "ss_num_validation_images",
+    "modelspec.sai_model_spec",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.title",
+    "modelspec.resolution",
+    "modelspec.date",
+    "modelspec.prediction_type",
     "lora_service_parent",
     "lora_service_parent_sha256",
     "lora_service_manifest",
@@ -76,7 +91,7 @@ def _metadata(manifest: dict[str, str]) -> dict[str, str]:
         },
     }
     return export.ss_metadata(
-        output_name="demo-v0001",
+        output_name="demo",
         version="v0001",
         parent=None,
         parent_sha256=None,
@@ -97,6 +112,7 @@ def _metadata(manifest: dict[str, str]) -> dict[str, str]:
         journal_seq=5,
         journal_hash="9" * 64,
         text_encoder=True,
+        validation_images=1,
     )
 
 
@@ -128,7 +144,9 @@ def test_kohya_file_loads_back_in_diffusers_with_the_same_output(
 
     keys = sorted(tensors)
     assert any(k.startswith("lora_unet_") and k.endswith("_to_q.lora_down.weight") for k in keys)
-    assert any(k.startswith("lora_te1_") and k.endswith("_q_proj.lora_up.weight") for k in keys)
+    # SD 1.x tools' text-encoder names: kohya's `lora_te_` and CLIP's `text_model_` segment
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in keys)
     alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
     assert alphas and all(float(a) == ALPHA for a in alphas)
     assert len(alphas) == len([k for k in keys if k.endswith(".lora_down.weight")])
@@ -143,6 +161,8 @@ def test_kohya_file_loads_back_in_diffusers_with_the_same_output(
     assert json.loads(meta["ss_tag_frequency"]) == {"cats": {"cat": 2, "red": 1}}
     assert meta["lora_service_journal_seq"] == "5"
     assert len(meta["sshs_model_hash"]) == 64
+    # a builtin base is no checkpoint file WebUI or model sites could match by hash
+    assert "ss_sd_model_hash" not in meta and "ss_new_sd_model_hash" not in meta
 
     loaded = tiny_pipe()
     loaded.load_lora_weights(str(path))
@@ -200,3 +220,138 @@ def test_peft_layout_is_readable_by_peft_itself(
     want = export.peft_unet_state_dict(unet)
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_kohya_metadata_values_are_written_as_kohya_writes_them() -> None:
+    meta = _metadata({})
+    # Stability AI ModelSpec, as kohya's library/sai_model_spec.py fills it for an SD 1.x LoRA
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "diffusers"
+    assert meta["modelspec.title"] == "demo-v0001"
+    assert meta["modelspec.resolution"] == "32x32"
+    assert meta["modelspec.date"] == "2025-01-01T00:01:00+00:00"
+    assert meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.implementation_version"].startswith("lora-service/")
+    # train_network's ss_* keys: str() of kohya's values
+    assert meta["ss_output_name"] == "demo"  # the fixed deploy name: WebUI's alias
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW"
+    assert meta["ss_optimizer"] == export.optimizer_name(torch.optim.AdamW)
+    assert 0 <= int(meta["ss_session_id"]) < 2**32
+    assert meta["ss_session_id"] == export.session_id("r1") != export.session_id("r2")
+    assert meta["ss_training_started_at"] == "1735689600.0"  # Unix seconds
+    assert meta["ss_resolution"] == "(32, 32)"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_clip_skip"] == "None" and meta["ss_noise_offset"] == "None"
+    assert meta["ss_enable_bucket"] == "False" and meta["ss_bucket_info"] == "null"
+    assert meta["ss_batch_size_per_device"] == "2" and meta["ss_total_batch_size"] == "2"
+    assert meta["ss_num_train_images"] == "2" and meta["ss_num_batches_per_epoch"] == "1"
+    assert meta["ss_num_validation_images"] == "1" and meta["ss_num_reg_images"] == "0"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"cats": {"img_count": 2, "n_repeats": 1}}
+    assert meta["ss_text_encoder_lr"] == meta["ss_learning_rate"] == "0.0001"
+    assert all(isinstance(v, str) for v in meta.values())
+
+
+def _sd_model_hashes_as_kohya(path: Path) -> dict[str, str]:
+    """What sd-scripts' train_util.model_hash / calculate_sha256 (and WebUI's
+    sd_models.model_hash / hashes.sha256) give for a checkpoint file, written out here."""
+    import hashlib
+
+    data = path.read_bytes()
+    return {
+        "ss_sd_model_hash": hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+        "ss_new_sd_model_hash": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def test_published_and_exported_files_hold_no_local_path_and_the_base_hashes(
+    tmp_path: Path,
+    write_config: Callable[..., Path],
+    tiny_pipe: Callable[[], Any],
+    add_lora_fn: Callable[..., Any],
+    start_run: Callable[..., None],
+    publish_kwargs: Callable[..., dict[str, Any]],
+) -> None:
+    from transformers import CLIPTextModel
+
+    from lora_service.config import load_config
+    from lora_service.journal import Journal
+    from lora_service.journal.events import BaseModelRegistered
+    from lora_service.store import sha256_file
+    from lora_service.versions import export_version, publish_version
+
+    # a single-file base (bytes enough for the old hash's 64 KiB at 1 MiB) and a weights file
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = models / "my-sd15.safetensors"
+    checkpoint.write_bytes(torch.randint(0, 256, (0x120000,), dtype=torch.uint8,
+                                         generator=torch.Generator().manual_seed(1)).numpy()
+                           .tobytes())
+    (models / "clip.bin").write_bytes(b"x")
+    config = load_config(write_config({
+        "name": "demo",
+        "base_model": str(checkpoint),
+        "paths": {"deploy_dir": "../deploy"},
+        "lora": {"rank": RANK, "alpha": ALPHA, "train_text_encoder": True},
+        "labelling": {"weights": "../models/clip.bin"},
+        "logging": {"file": "../logs/train.log"},
+    }))
+    journal = Journal.for_state(config.paths.state)
+    base_sha = sha256_file(checkpoint)
+    journal.append(BaseModelRegistered(spec=str(checkpoint), sha256=base_sha,
+                                       path=str(checkpoint), kind="single_file"))
+    start_run(journal, config, "r1", None, base_sha256=base_sha)
+
+    pipe = tiny_pipe()  # the text encoder loaded from a folder: transformers records the path
+    pipe.save_pretrained(str(tmp_path / "tiny"))
+    text_encoder = CLIPTextModel.from_pretrained(str(tmp_path / "tiny"), subfolder="text_encoder")
+    add_lora_fn(pipe.unet, rank=RANK, alpha=ALPHA, targets=["to_q", "to_v"], seed=1)
+    add_lora_fn(text_encoder, rank=RANK, alpha=ALPHA, targets=["q_proj"], seed=2)
+    assert str(tmp_path) in str(text_encoder.peft_config["default"].base_model_name_or_path)
+    version = publish_version(journal, config, run_id="r1", unet=pipe.unet,
+                              text_encoder=text_encoder, **publish_kwargs(), validation_images=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    export_version(journal, config, version, "kohya", out)
+    export_version(journal, config, version, "peft", out / "peft")
+
+    folder = config.paths.state / "versions" / version
+    shared = [p for root in (folder, config.paths.deploy_dir, out) for p in root.rglob("*")
+              if p.is_file()]
+    assert len(shared) == 12  # peft (4: UNet, text encoder), kohya, card; deployed; exported
+    for path in shared:
+        data = path.read_bytes()
+        for local in {str(tmp_path), str(Path.home()), os.getcwd()} - {"/"}:
+            assert local.encode() not in data, f"{path.relative_to(tmp_path)} holds {local}"
+
+    for kohya in (folder / "demo-v0001.safetensors", config.paths.deploy_dir / "demo.safetensors"):
+        _, meta = export.read_kohya(kohya)
+        assert meta["ss_output_name"] == "demo" and meta["modelspec.title"] == "demo-v0001"
+        assert {k: meta[k] for k in ("ss_sd_model_hash", "ss_new_sd_model_hash")} == (
+            _sd_model_hashes_as_kohya(checkpoint))
+        assert meta["ss_sd_model_name"] == "my-sd15.safetensors"
+        shared_config = json.loads(meta["lora_service_config"])
+        assert shared_config["base_model"] == "my-sd15.safetensors"
+        assert shared_config["labelling"]["weights"] == "clip.bin"
+        assert "paths" not in shared_config and "logging" not in shared_config
+    card = json.loads((folder / "card.json").read_text())
+    assert card["config"] == shared_config
+    te_config = folder / "adapter" / "text_encoder" / "adapter_config.json"
+    assert json.loads(te_config.read_text())["base_model_name_or_path"] is None
+    # the journal keeps the configuration as run
+    run = journal.query("SELECT config FROM runs WHERE run_id = 'r1'")[0]
+    assert json.loads(run["config"])["base_model"] == str(checkpoint)
+
+
+def test_base_hashes_by_kind(tmp_path: Path) -> None:
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"tiny")  # shorter than 1 MiB: kohya hashes the empty read
+    assert export.sd_model_hashes("single_file", small, "a" * 64) == {
+        "ss_new_sd_model_hash": "a" * 64,
+        "ss_sd_model_hash": __import__("hashlib").sha256(b"").hexdigest()[:8],
+    }
+    assert export.sd_model_hashes("diffusers", tmp_path, "a" * 64) == {}
+    assert export.sd_model_hashes("builtin", tmp_path, "a" * 64) == {}
+    assert export.sd_model_hashes("single_file", tmp_path / "gone", "a" * 64) == {
+        "ss_new_sd_model_hash": "a" * 64}

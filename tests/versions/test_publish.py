@@ -177,7 +177,7 @@ def test_manual_mode_holds_the_first_version_and_text_encoder_is_kept(
     files = next(journal.events(since=before)).event.files
     assert "versions/v0001/adapter/text_encoder/adapter_model.safetensors" in files
     tensors, _ = read_kohya(config.paths.state / "versions/v0001/lora-service-v0001.safetensors")
-    assert any(k.startswith("lora_te1_") for k in tensors)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
     assert _head(journal) is None
     move_head(journal, config, "v0001", reason="ok", by="promote")
     assert _head(journal) == "v0001"  # no deploy_dir: no VersionExported
