@@ -63,9 +63,8 @@ from lora_service.versions.publish import (
     CARD,
     deploy,
     kohya_name,
-    next_version_name,
+    new_version_folder,
 )
-from lora_service.versions.verify import version_dir
 
 Format = Literal["kohya", "peft"]
 Tensors = dict[str, torch.Tensor]
@@ -487,17 +486,7 @@ def store_version(
 ) -> tuple[str, str | None]:
     """Write `state/versions/vNNNN/` (whole or not at all, as `publish_version` does), journal
     `VersionImported` and `HeadMoved`, deploy; return (version, previous head)."""
-    state = config.paths.state
-    version = next_version_name(journal)
-    rel = version_dir(version)
-    final = state / rel
-    tmp = final.with_name(f".{version}.tmp-{os.getpid()}")
-    if final.exists():
-        if journal.query("SELECT 1 AS x FROM files WHERE path LIKE ?", [f"{rel}/%"]):
-            raise UsageError(f"{final}: exists and is journaled; the versions table is behind")
-        shutil.rmtree(final)  # a folder no event points at: an earlier import died mid-way
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    version, rel, final, tmp = new_version_folder(journal, config.paths.state)
     seq, digest = journal.position()
     kohya = kohya_name(config, version)
     te = text_encoder if geometry.train_text_encoder else None

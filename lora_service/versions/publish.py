@@ -140,6 +140,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> str:
     return sha256_file(path)
 
 
+def new_version_folder(journal: Journal, state: Path) -> tuple[str, str, Path, Path]:
+    """(next version name, its state-relative folder, that folder, a fresh empty temp sibling
+    to build it in): a version appears whole, by one rename, or not at all."""
+    version = next_version_name(journal)
+    folder_rel = version_dir(version)
+    final = state / folder_rel
+    tmp = final.with_name(f".{version}.tmp-{os.getpid()}")
+    if final.exists():
+        if _one(journal, "SELECT 1 AS x FROM files WHERE path LIKE ?", [f"{folder_rel}/%"]):
+            raise ServiceError(f"{final}: exists and is journaled; versions table out of step")
+        # a folder no event points at: an earlier attempt died between rename and append
+        shutil.rmtree(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return version, folder_rel, final, tmp
+
+
 def publish_version(
     journal: Journal,
     config: Config,
@@ -192,17 +209,7 @@ def publish_version(
     tolerance = float(train.get("promote_tolerance", config.train.promote_tolerance))
 
     state = config.paths.state
-    version = next_version_name(journal)
-    folder_rel = version_dir(version)
-    final = state / folder_rel
-    tmp = final.with_name(f".{version}.tmp-{os.getpid()}")
-    if final.exists():
-        if _one(journal, "SELECT 1 AS x FROM files WHERE path LIKE ?", [f"{folder_rel}/%"]):
-            raise ServiceError(f"{final}: exists and is journaled; versions table out of step")
-        # a folder no event points at: an earlier attempt died between rename and append
-        shutil.rmtree(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    version, folder_rel, final, tmp = new_version_folder(journal, state)
 
     parent_sha = None
     if parent is not None:
