@@ -129,6 +129,15 @@ class Train(Section):
     def _stall_duration(cls, value: Any) -> Any:
         return Schedule._duration(value)
 
+    @field_validator("warmup_ratio", "warmup_steps")
+    @classmethod
+    def _scheduler_warms_up(cls, value: float, info: ValidationInfo) -> float:
+        # diffusers' `constant` schedule ignores num_warmup_steps: a warmup that never happens
+        if value and info.data.get("lr_scheduler") == "constant":
+            raise ValueError("needs an lr_scheduler that warms up (constant_with_warmup, linear, "
+                             "cosine, ...); `constant` has no warmup")
+        return value
+
     @field_validator("warmup_steps")
     @classmethod
     def _one_warmup(cls, value: int, info: ValidationInfo) -> int:

@@ -65,7 +65,8 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
         "head": (
             {"version": head["version"], "since": head["ts"], "reason": head["reason"],
              "moved_by": head["moved_by"],
-             "verified": bool(measured and measured["val_loss"] is not None)}
+             "verified": bool(measured and measured["val_loss"] is not None),
+             "imported": queries.imported(journal, head["version"]) is not None}
             if head
             else None
         ),
@@ -103,8 +104,9 @@ def status(config_path: Path, as_json: bool) -> None:
     head = info["head"]
     echo(f"head:      {head['version']} ({head['reason']})" if head else "head:      none")
     if head and not head["verified"]:
-        echo(f"verified:  no, unverified: {head['version']} has no validation loss (no held-out "
-             "image in what it learned: one-image batches or validation_split 0)")
+        why = ("imported; not validated here" if head["imported"] else "no held-out image in "
+               "what it learned: one-image batches or validation_split 0")
+        echo(f"verified:  no, unverified: {head['version']} has no validation loss ({why})")
     run = info["running"]
     if run:
         eta = f", ETA {run['eta_seconds']:.0f}s" if run.get("eta_seconds") is not None else ""

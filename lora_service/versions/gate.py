@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 MODES = ("always", "if_not_worse", "manual")
@@ -33,10 +34,11 @@ def _rise(child: float, parent: float) -> str:
 def worse_batches(
     tolerance: float, per_batch: Mapping[str, float], parent_per_batch: Mapping[str, float]
 ) -> list[str]:
-    """The batches measured on both sides whose loss rose beyond the relative tolerance."""
+    """The batches measured on both sides whose loss rose beyond the relative tolerance, or
+    is not a number at all (NaN compares false with everything: a diverged child would pass)."""
     return sorted(
         b for b, parent in parent_per_batch.items()
-        if b in per_batch and per_batch[b] > parent * (1.0 + tolerance)
+        if b in per_batch and not per_batch[b] <= parent * (1.0 + tolerance)
     )
 
 
@@ -70,10 +72,12 @@ def decide(
         return False, (
             f"held: {each}, over the {tolerance * 100:g}% tolerance ({losses}){note}"
         )
+    if known is not None and not math.isfinite(known):
+        return False, f"held: validation loss is {known} (training diverged) ({losses}){note}"
     if known is None or parent_known is None:
         return True, f"promote: nothing to compare ({losses}){note}"
     limit = parent_known * (1.0 + tolerance)
-    if known > limit:
+    if not known <= limit:  # NaN or inf: a diverged child is never promoted
         return False, (
             f"held: {losses}, {_rise(known, parent_known)} on what the parent knew, over the "
             f"{tolerance * 100:g}% tolerance (limit {limit:.6g}){note}"

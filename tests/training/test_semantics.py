@@ -125,16 +125,23 @@ def test_a_run_cut_short_by_max_steps_says_how_many_epochs_it_trained(tmp_path, 
 
 
 def test_warmup_is_a_share_of_each_run():
-    assert Train(warmup_ratio=0.1).warmup_for(30, 500) == 3
-    assert Train(warmup_ratio=0.1).warmup_for(8, 8) == 1
-    assert Train(warmup_ratio=0.5).warmup_for(1, 1) == 1
+    def Warm(**warmup: float) -> Train:  # noqa: N802
+        return Train(lr_scheduler="linear", **warmup)
+
+    assert Warm(warmup_ratio=0.1).warmup_for(30, 500) == 3
+    assert Warm(warmup_ratio=0.1).warmup_for(8, 8) == 1
+    assert Warm(warmup_ratio=0.5).warmup_for(1, 1) == 1
     # warmup_steps: as given for a lineage's first run (never past its end), its share after
-    assert Train(warmup_steps=50).warmup_for(500, 500) == 50
-    assert Train(warmup_steps=50).warmup_for(30, 500) == 3
-    assert Train(warmup_steps=50).warmup_for(40, 40) == 40
-    assert Train().warmup_for(30, 500) == 0
+    assert Warm(warmup_steps=50).warmup_for(500, 500) == 50
+    assert Warm(warmup_steps=50).warmup_for(30, 500) == 3
+    assert Warm(warmup_steps=50).warmup_for(40, 40) == 40
+    assert Warm().warmup_for(30, 500) == 0
     with pytest.raises(ValueError, match="set warmup_steps or warmup_ratio"):
-        Train(warmup_steps=10, warmup_ratio=0.1)
+        Warm(warmup_steps=10, warmup_ratio=0.1)
+    # diffusers' `constant` schedule ignores a warmup: asking for one there is refused
+    for warmup in ({"warmup_steps": 10}, {"warmup_ratio": 0.1}):
+        with pytest.raises(ValueError, match="`constant` has no warmup"):
+            Train(**warmup)
 
 
 def test_an_increment_reaches_its_learning_rate(tmp_path, base_cache):

@@ -54,3 +54,13 @@ def test_if_not_worse_promotes_when_nothing_compares(
 def test_unknown_mode_is_an_error() -> None:
     with pytest.raises(ValueError, match="sometimes"):
         decide("sometimes", 0.05, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_child_is_held_pooled_per_batch_and_as_a_first_version(bad: float) -> None:
+    """NaN compares false with everything: without care a diverged child passes every check."""
+    assert decide("if_not_worse", 0.05, bad, 1.0)[0] is False
+    assert decide("if_not_worse", 0.05, bad, None)[0] is False
+    ok, reason = decide("if_not_worse", 0.05, 1.0, 1.0, per_batch={"a": bad},
+                        parent_per_batch={"a": 1.0})
+    assert not ok and "batch a" in reason

@@ -99,6 +99,8 @@ def side(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, front: Front
     config = _fresh(tmp_path_factory.mktemp("here"), tiny_base, SIDE)
     done = lora("import", str(front.kohya), config=config.source)
     assert done.returncode == 0, done.stderr
+    status = lora("status", config=config.source).stdout
+    assert "unverified: v0001 has no validation loss (imported; not validated here)" in status
     add_batch(config.paths.state, "side", n=4, seed=5)
     assert train_now(config) == 0
     return Side(config, done.stdout)
