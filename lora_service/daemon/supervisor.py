@@ -51,7 +51,7 @@ from lora_service.daemon.cleanup import remove_leftovers
 from lora_service.daemon.schedule import Timetable
 from lora_service.daemon.statusfile import overwrite_status, write_status
 from lora_service.errors import ServiceError
-from lora_service.inbox.intake import Intake
+from lora_service.inbox.intake import Hooks, Intake
 from lora_service.inbox.watch import InboxWatcher
 from lora_service.journal import Journal, queries
 from lora_service.journal import events as ev
@@ -74,12 +74,15 @@ WRITE_ERRORS = (OSError, ServiceError, sqlite3.Error)  # JournalError is a Servi
 
 
 class Supervisor:
-    """`child_args`: tests only, set where the daemon process starts (never read from the
-    environment): extra arguments for the first training children, one tuple per start."""
+    """`child_args`, `intake_hooks`: tests only, set where the daemon process starts (never
+    read from the environment): extra arguments for the first training children, one tuple per
+    start (e.g. `--fault step-delay=0.3`), and the intake's `Hooks`."""
 
-    def __init__(self, config: Config, child_args: Sequence[Sequence[str]] = ()) -> None:
+    def __init__(self, config: Config, child_args: Sequence[Sequence[str]] = (),
+                 intake_hooks: Hooks | None = None) -> None:
         self.config = config
         self.child_args = [tuple(args) for args in child_args]
+        self.intake_hooks = intake_hooks
         self.state_dir = config.paths.state
         self.wake = threading.Event()
         self.stopping: str | None = None
@@ -187,7 +190,8 @@ class Supervisor:
         """Scan the inbox at start, on every change and each tick (settling needs a clock)."""
         try:
             with Journal.for_state(self.state_dir) as journal:
-                intake = Intake(journal, self.config, labeller=make_labeller(self.config))
+                intake = Intake(journal, self.config, labeller=make_labeller(self.config),
+                                hooks=self.intake_hooks)
                 while not self.intake_done.is_set():
                     if self.disk is None:  # a batch would only fail half-copied: wait
                         for outcome in intake.scan():

@@ -125,9 +125,6 @@ MAX_NOTES = 200
 MAX_LISTED_BYTES = 256 << 10  # each, for bad files and notes
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-# kept only for tests/daemon (the supervisor builds its Intake without hooks): seconds a batch
-# takes at least. Everything else injects faults through `Hooks`.
-DELAY_ENV = "LORA_SERVICE_TEST_INTAKE_DELAY"
 
 Labeller = Callable[[list[Path]], dict[str, str]]
 """Captions for images that have none: called with the stored copies' paths, returns
@@ -141,8 +138,7 @@ class Hooks:
     decision is journaled, before the move ("journaled")."""
 
     def at(self, point: str) -> None:
-        if point == "reading":
-            time.sleep(float(os.environ.get(DELAY_ENV) or 0))
+        """Nothing, in the service."""
 
 
 def _is_utf8(name: str) -> bool:

@@ -13,8 +13,8 @@ retries such a run without counting it as an attempt. Stdout gets one JSON line 
 outcome; progress and logs go to stderr.
 
 `--heartbeat PATH`: touched as the run progresses (see `heartbeat`), so the daemon notices a
-child that hangs. `--hang-at-step N` (tests only, passed by the daemon's `child_args` seam):
-stop making progress at step N, forever.
+child that hangs. `--fault SPEC` (tests only, passed by the daemon's `child_args` seam or the
+test's own command line): the faults of `training/faults.py`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 from lora_service.daemon.child import EX_TEMPFAIL, die_with_parent  # noqa: E402
-
-FAULT_ENV = "LORA_SERVICE_TEST_CHILD_FAULT"  # used only by tests
+from lora_service.training.faults import Faults  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("kohya", "peft"), help="with --import-adapter")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--heartbeat", type=Path, help="touch this file as the run progresses")
-    parser.add_argument("--hang-at-step", type=int, help=argparse.SUPPRESS)  # tests only
+    parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                        help=argparse.SUPPRESS)  # tests only: see training/faults.py
     args = parser.parse_args(argv)
     die_with_parent()
-    if os.environ.get(FAULT_ENV) == "segv" and args.run_id:
-        os.kill(os.getpid(), signal.SIGSEGV)  # tests only: a child that crashes hard
+    faults = Faults.parse(args.fault)
+    if faults.segv and args.run_id:
+        os.kill(os.getpid(), signal.SIGSEGV)  # a child that crashes hard
     from lora_service.training import heartbeat
 
     heartbeat.use(args.heartbeat)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     try:
         outcome = execute(config, journal, args.run_id, progress=progress, stop=stop,
-                          hang_at_step=args.hang_at_step)
+                          faults=faults)
     except BaseException as exc:  # noqa: BLE001  (every failure is journaled, then reported)
         return _failed(journal, args.run_id, exc, disk_trouble(exc))
     # the run is over: a stop asked for now must not kill the interpreter's slow teardown,

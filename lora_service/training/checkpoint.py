@@ -38,7 +38,6 @@ PATTERN = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "manifest.json"
 GRAD_SCALER = "grad_scaler.json"
 # tests only: kill this process half-way through writing the checkpoint of this global step
-CRASH_ENV = "LORA_SERVICE_TEST_CRASH_IN_CHECKPOINT"
 
 
 def checkpoints_dir(state_dir: Path, run_id: str) -> Path:
@@ -93,9 +92,11 @@ def save(
     scheduler: dict[str, Any],
     trainer_state: dict[str, Any],
     grad_scaler: dict[str, Any] | None = None,
+    crash_at_step: int | None = None,
 ) -> tuple[Path, dict[str, str]]:
     """Write one checkpoint atomically; return its folder and {state-relative path: sha256}.
-    `grad_scaler`: `GradScaler.state_dict()` of an fp16 run, None otherwise."""
+    `grad_scaler`: `GradScaler.state_dict()` of an fp16 run, None otherwise. `crash_at_step`:
+    tests only (`Faults.crash_in_checkpoint`)."""
     root = checkpoints_dir(state_dir, run_id)
     root.mkdir(parents=True, exist_ok=True)
     final = root / folder_name(step)
@@ -106,7 +107,7 @@ def save(
     # where torch.save and save_file to a path raise RuntimeError("unexpected pos ...")
     (tmp / "adapter.safetensors").write_bytes(st_save(adapter, metadata={"step": str(step)}))
     (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer))
-    if os.environ.get(CRASH_ENV) == str(step):
+    if crash_at_step == step:
         os.kill(os.getpid(), signal.SIGKILL)  # a power cut half-way through the write
     (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler))
     (tmp / "rng.safetensors").write_bytes(st_save({"cpu": torch.get_rng_state()}))

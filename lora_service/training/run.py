@@ -49,6 +49,7 @@ from lora_service.logs import get_logger
 from lora_service.store import sha256_bytes
 from lora_service.training import base_model, checkpoint, heartbeat
 from lora_service.training.data import EncodedData, Item
+from lora_service.training.faults import Faults
 from lora_service.training.plan import batch_images, lineage_batches
 from lora_service.training.split import validation_set
 from lora_service.training.trainer import Trainer, check_precision
@@ -56,7 +57,6 @@ from lora_service.training.trainer import Trainer, check_precision
 LOSS_EVERY = 5
 log = get_logger("lora_service.training")
 # tests only: sleep this many seconds after each step, so a test can SIGKILL between steps
-STEP_DELAY_ENV = "LORA_SERVICE_TEST_STEP_DELAY"
 FINISHED, STOPPED = "finished", "stopped"
 
 
@@ -143,7 +143,9 @@ def _val_losses(items: list[Item], losses: list[float], known: set[str]) -> dict
 class RunContext:
     """Everything `execute` builds, kept together so tests and the bench can reuse it."""
 
-    def __init__(self, config: Config, journal: Journal, run: RunStarted) -> None:
+    def __init__(self, config: Config, journal: Journal, run: RunStarted,
+                 faults: Faults | None = None) -> None:
+        self.faults = faults or Faults()
         self.config, self.journal, self.run = config, journal, run
         self.state_dir = config.paths.state
         cfg = run.config
@@ -238,6 +240,7 @@ class RunContext:
             optimizer=opt.state_dict(),
             scheduler=sched.state_dict(),
             trainer_state=self.trainer_state(),
+            crash_at_step=self.faults.crash_in_checkpoint,
             grad_scaler=scaler.state_dict() if (scaler := tr.accelerator.scaler) else None,
         )
         keep = self.run_config.train.keep_checkpoints
@@ -306,13 +309,13 @@ class RunContext:
 
 
 def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = False,
-            stop: StopFlag | None = None, hang_at_step: int | None = None) -> Outcome:
-    """Train `run_id` to a version (or to a checkpoint when stopped). `hang_at_step`: tests
-    only, the child stops making progress there, as a deadlocked one would."""
+            stop: StopFlag | None = None, faults: Faults | None = None) -> Outcome:
+    """Train `run_id` to a version (or to a checkpoint when stopped). `faults`: tests only
+    (`training/faults.py`)."""
     stop = stop if stop is not None else StopFlag()
     run = find_run(journal, run_id)
     with heartbeat.phase():  # base model, pipeline: one slow load, nothing to beat inside
-        ctx = RunContext(config, journal, run)
+        ctx = RunContext(config, journal, run, faults)
     tr = ctx.trainer
     if tr.warmup_steps:
         _log(f"run {run_id}: learning rate warms up over {tr.warmup_steps} of "
@@ -331,14 +334,14 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
     last_saved = tr.global_step if tr.local_step else None
     end = run.start_step + run.total_steps
     started, images = time.perf_counter(), 0
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
+    faults = ctx.faults
     for step in tr.steps():
-        while step.step == hang_at_step:
+        while step.step == faults.hang_at_step:
             time.sleep(3600)  # no beat, no checkpoint, deaf to SIGTERM: only SIGKILL ends it
         heartbeat.beat()
         images += step.images
-        if delay:
-            time.sleep(delay)
+        if faults.step_delay:
+            time.sleep(faults.step_delay)
         if main and (step.step % LOSS_EVERY == 0 or step.step == end):
             journal.append(LossLogged(run_id=run_id, step=step.step, loss=step.loss, lr=step.lr,
                                       images_per_s=round(step.images_per_s, 2)))

@@ -23,9 +23,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +47,6 @@ SAMPLES_DIR = "samples"
 GRID = "grid.png"
 SCHEDULER = "DDIMScheduler"
 # tests only: make rendering raise (value "oom" raises MemoryError, anything else RuntimeError)
-FAIL_ENV = "LORA_SERVICE_TEST_SAMPLES_FAIL"
 
 # sheet layout (grid.png and the compare sheet), in pixels
 CELL_MIN = 192  # small samples are upscaled (nearest) by a whole factor to at least this
@@ -236,14 +234,6 @@ class Renderer:
         return out.images[0].convert("RGB")
 
 
-def _forced_failure() -> None:
-    value = os.environ.get(FAIL_ENV)
-    if value == "oom":
-        raise MemoryError(f"forced by {FAIL_ENV}")
-    if value:
-        raise RuntimeError(f"forced by {FAIL_ENV}")
-
-
 def render_samples(
     journal: Journal,
     config: Config,
@@ -255,20 +245,23 @@ def render_samples(
     tokenizer: Any = None,
     scheduler: Any = None,
     force: bool = False,
+    fault: Callable[[], None] | None = None,
 ) -> SamplesRendered | None:
     """Render and journal the version's samples; never raises (see the module docstring).
 
     `unet`/`text_encoder` (with the version's adapter), `vae`, `tokenizer`, `scheduler`: what
     the training child holds, passed to save loading them (see `Renderer`). Returns the
     journaled event, or None when the same samples are already journaled and verify (a child
-    restarted after publishing does not render twice) — `force` renders anyway."""
+    restarted after publishing does not render twice) — `force` renders anyway. `fault`: tests
+    only, called before rendering (a failure to inject)."""
     log = get_logger("lora_service.samples")
     s = config.samples
     started = time.perf_counter()
     try:
         if not force and stored_samples(journal, config, version) is not None:
             return None
-        _forced_failure()
+        if fault is not None:
+            fault()
         renderer = Renderer(
             journal,
             config,

@@ -36,12 +36,18 @@ def drop_batch(inbox: Path, name: str, n: int = 4, seed: int = 0) -> None:
     (folder / "READY").touch()
 
 
-def start(config: Path, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lora_service", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **env},
-    )
+DAEMON = Path(__file__).with_name("_daemon.py")
+
+
+def start(config: Path, *faults: str, **env: str) -> subprocess.Popen[str]:
+    """`lora-service run`; with `faults` (`--fault` specs of training/faults.py), a daemon
+    whose training children get them, set through the Supervisor's `child_args` seam."""
+    argv = [sys.executable, "-m", "lora_service", "run", "--config", str(config)]
+    if faults:
+        child_args = [[arg for f in faults for arg in ("--fault", f)]] * 20  # every child
+        argv = [sys.executable, str(DAEMON), str(config), json.dumps(child_args)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
 
 
 def events(state: Path, *types: str) -> list[dict[str, Any]]:
@@ -119,7 +125,7 @@ def test_sigkill_daemon_mid_run_resumes_to_identical_weights(
     slow = {"train": {"epochs": 6, "save_steps": 3}, "schedule": {"on_arrival": True}}
     config = write_config(slow)
     state, inbox = tmp_path / "state", tmp_path / "inbox"
-    daemon = start(config, LORA_SERVICE_TEST_STEP_DELAY="0.3")
+    daemon = start(config, "step-delay=0.3")
     drop_batch(inbox, "kill", seed=3)
     try:
         wait_for(state, "CheckpointSaved", 1, daemon=daemon)
@@ -164,7 +170,7 @@ def test_child_crash_is_journaled_and_the_next_run_works(
 ) -> None:
     config = write_config(FAST)
     state, inbox = tmp_path / "state", tmp_path / "inbox"
-    daemon = start(config, LORA_SERVICE_TEST_CHILD_FAULT="segv")
+    daemon = start(config, "segv")
     try:
         drop_batch(inbox, "crash", seed=4)
         failed = wait_for(state, "RunFailed", daemon=daemon)[0]
@@ -190,7 +196,7 @@ def test_sigterm_checkpoints_and_train_now_is_picked_up(
     slow = {"train": {"epochs": 20, "save_steps": 1000}, "schedule": {"on_arrival": False}}
     config = write_config(slow)
     state, inbox = tmp_path / "state", tmp_path / "inbox"
-    daemon = start(config, LORA_SERVICE_TEST_STEP_DELAY="0.2")
+    daemon = start(config, "step-delay=0.2")
     try:
         drop_batch(inbox, "term", seed=5)
         wait_for(state, "BatchAccepted", daemon=daemon)

@@ -47,6 +47,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+DAEMON = Path(__file__).with_name("_daemon.py")
+
+
 def fill(path: Path) -> int:
     """Append zeros to `path` until the file system refuses (ENOSPC); bytes written."""
     written = 0
@@ -102,11 +105,11 @@ def test_a_full_disk_is_waited_out_and_the_service_carries_on(
     log = tmp_path / "daemon.log"
 
     def start() -> subprocess.Popen[str]:
+        child_args = [["--fault", "step-delay=0.3"]] * 20  # every training child
         return subprocess.Popen(
-            [sys.executable, "-m", "lora_service", "run", "--config", str(config)],
+            [sys.executable, str(DAEMON), str(config), json.dumps(child_args)],
             stdout=subprocess.DEVNULL, stderr=log.open("a"), text=True,
-            env={**os.environ, "NOTIFY_SOCKET": notify.address,
-                 "LORA_SERVICE_TEST_STEP_DELAY": "0.3"},
+            env={**os.environ, "NOTIFY_SOCKET": notify.address},
         )
 
     def says_disk_full(daemon: subprocess.Popen[str]) -> None:

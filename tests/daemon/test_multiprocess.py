@@ -38,7 +38,7 @@ def test_two_processes_survive_kill_and_stop_and_make_one_version(
     state, inbox = tmp_path / "state", tmp_path / "inbox"
 
     # 1. SIGKILL the daemon: the launcher and both workers die with it
-    daemon = start(config, LORA_SERVICE_TEST_STEP_DELAY="0.3")
+    daemon = start(config, "step-delay=0.3")
     drop_batch(inbox, "two", n=8, seed=6)
     try:
         wait_for(state, "CheckpointSaved", daemon=daemon)
@@ -55,7 +55,7 @@ def test_two_processes_survive_kill_and_stop_and_make_one_version(
 
     # 2. SIGTERM one worker only: both agree on its step, checkpoint and exit 0; the daemon
     # sees a clean stop of a run still running and resumes it from that checkpoint
-    daemon = start(config, LORA_SERVICE_TEST_STEP_DELAY="0.3")
+    daemon = start(config, "step-delay=0.3")
     try:
         resumed = wait_for(state, "RunResumed", daemon=daemon)[0]
         assert resumed["checkpoint"] is not None

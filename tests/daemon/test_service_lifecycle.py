@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,9 +21,16 @@ from lora_service.journal import events as ev
 TIMEOUT = 60
 
 
-def start(config: Path, **env: str) -> subprocess.Popen[str]:
+DAEMON = Path(__file__).with_name("_daemon.py")
+
+
+def start(config: Path, seams: dict | None = None, **env: str) -> subprocess.Popen[str]:
+    """`lora-service run`; with `seams`, tests/daemon/_daemon.py sets them where it starts."""
+    argv = [sys.executable, "-m", "lora_service", "run", "--config", str(config)]
+    if seams:
+        argv = [sys.executable, str(DAEMON), str(config), json.dumps(seams)]
     return subprocess.Popen(
-        [sys.executable, "-m", "lora_service", "run", "--config", str(config)],
+        argv,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **env},
     )
@@ -172,8 +180,7 @@ def test_a_slow_batch_does_not_hold_back_the_watchdog(write_config: Callable[...
     sock.bind(address)
     sock.settimeout(0.1)
     config = write_config({"schedule": {"on_arrival": False}})
-    daemon = start(config, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000",
-                   LORA_SERVICE_TEST_INTAKE_DELAY="4")
+    daemon = start(config, {"intake_delay": 4}, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
     state, pings = tmp_path / "state", []
     try:
         wait_for_event(state, "ServiceStarted")

@@ -34,7 +34,7 @@ def test_a_hung_child_is_stopped_journaled_stalled_and_retried(
 ) -> None:
     config = write_config({**FAST, "train": {**FAST["train"], "stall_timeout": f"{STALL_S}s"}})
     state = tmp_path / "state"
-    daemon = start_daemon(config, tmp_path / "daemon.log", [["--hang-at-step", "3"]])
+    daemon = start_daemon(config, tmp_path / "daemon.log", [["--fault", "hang-at-step=3"]])
     try:
         drop_batch(tmp_path / "inbox", "hang", seed=6)
         failed = wait_for(state, "RunFailed", daemon=daemon)[0]

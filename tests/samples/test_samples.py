@@ -177,17 +177,20 @@ def test_compare_needs_a_parent_or_two_names(copy_of: Config, tmp_path: Path) ->
 
 @pytest.mark.parametrize("how", ["oom", "tampered adapter"])
 def test_a_failed_render_is_journaled_and_changes_nothing_else(
-    copy_of: Config, monkeypatch: pytest.MonkeyPatch, how: str
+    copy_of: Config, how: str
 ) -> None:
     state = copy_of.paths.state
+    fault = None
     if how == "oom":
-        monkeypatch.setenv(s.FAIL_ENV, "oom")
+        def fault() -> None:
+            raise MemoryError("forced by the test")
     else:
         (state / "versions/v0002/adapter/adapter_model.safetensors").write_bytes(b"broken")
     with Journal.for_state(state) as journal:
         head_before = journal.query("SELECT * FROM head")
         versions_before = journal.query("SELECT * FROM versions")
-        event = s.render_samples(journal, copy_of, "v0002", force=True)  # must not raise
+        event = s.render_samples(journal, copy_of, "v0002", force=True,
+                                 fault=fault)  # must not raise
         assert event is not None and event.error
         assert ("MemoryError" if how == "oom" else "fail verification") in event.error
         assert journal.query("SELECT * FROM head") == head_before

@@ -71,11 +71,13 @@ def add_batch(state: Path, name: str, n: int = 4, seed: int = 0, size: int = 32)
     return batch_id
 
 
-def run_child(config: Config, run_id: str, env: dict[str, str] | None = None,
+def run_child(config: Config, run_id: str, *faults: str,
               wait: bool = True) -> subprocess.Popen[bytes] | int:
+    """The training child as the daemon starts it; `faults`: `--fault` specs
+    (training/faults.py) on its command line."""
     argv = [sys.executable, "-m", "lora_service.training", "--config", str(config.source),
-            "--run", run_id, "--progress", "off"]
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})},
+            "--run", run_id, "--progress", "off", *(a for f in faults for a in ("--fault", f))]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=os.environ,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if not wait:
         return proc

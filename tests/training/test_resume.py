@@ -50,7 +50,7 @@ def _wait_checkpoints(proc: subprocess.Popen, state: Path, n: int) -> None:
 
 def _kill_after_two_checkpoints(state: Path, config: Any, run_id: str) -> None:
     """Start the training child slowed down, SIGKILL it once two checkpoints are journaled."""
-    proc = run_child(config, run_id, env={"LORA_SERVICE_TEST_STEP_DELAY": "0.3"}, wait=False)
+    proc = run_child(config, run_id, "step-delay=0.3", wait=False)
     _wait_checkpoints(proc, state, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -88,7 +88,7 @@ def test_kill_mid_checkpoint_write_ignores_half_written(
     reference, tmp_path_factory, base_cache
 ):
     state, config, run = _fresh_state(tmp_path_factory, base_cache)
-    proc = run_child(config, run.run_id, env={checkpoint.CRASH_ENV: "4"}, wait=False)
+    proc = run_child(config, run.run_id, "crash-in-checkpoint=4", wait=False)
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     root = checkpoint.checkpoints_dir(state, run.run_id)
@@ -141,8 +141,7 @@ def _fresh_state(tmp_path_factory, base_cache):
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(reference, tmp_path_factory, base_cache):
     state, config, run = _fresh_state(tmp_path_factory, base_cache)
-    proc = run_child(config, run.run_id, env={"LORA_SERVICE_TEST_STEP_DELAY": "0.3"},
-                     wait=False)
+    proc = run_child(config, run.run_id, "step-delay=0.3", wait=False)
     _wait_checkpoints(proc, state, 1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
