@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +44,9 @@ from typing import Any, Literal
 import lora_service.torch_compat  # noqa: F401  (must precede peft/diffusers)
 
 # isort: split
-import safetensors
-import safetensors.torch
 import torch
 from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load as tensors_from_safetensors  # never unpickles
 
 from lora_service.config import Config
 from lora_service.errors import ServiceError, UsageError
@@ -56,14 +54,14 @@ from lora_service.journal import Journal, queries
 from lora_service.journal.events import HeadMoved, ImportedGeometry, VersionImported
 from lora_service.journal.sqlite import utc_now
 from lora_service.logs import get_logger
-from lora_service.store import atomic_write_bytes, fsync_dir, fsync_tree, sha256_bytes
+from lora_service.store import sha256_bytes
 from lora_service.versions import export, witness
 from lora_service.versions.publish import (
     ADAPTER_DIR,
-    CARD,
     deploy,
     kohya_name,
     new_version_folder,
+    seal_version_folder,
 )
 
 Format = Literal["kohya", "peft"]
@@ -107,7 +105,7 @@ def _safetensors(blob: bytes, name: str) -> tuple[Tensors, dict[str, str]]:
     try:
         size = int.from_bytes(blob[:8], "little")
         header = json.loads(blob[8 : 8 + size])
-        tensors = safetensors.torch.load(blob)
+        tensors = tensors_from_safetensors(blob)
     except Exception as exc:  # noqa: BLE001  (any parse failure is the file's)
         raise UsageError(f"{name}: not a readable .safetensors file ({exc})") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
@@ -519,11 +517,7 @@ def store_version(
             "journal_seq": seq,
             "journal_hash": digest,
         }
-        blob = json.dumps(card, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        files[CARD] = atomic_write_bytes(tmp / CARD, blob.encode())
-        fsync_tree(tmp)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        seal_version_folder(tmp, final, card, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -157,6 +157,16 @@ def new_version_folder(journal: Journal, state: Path) -> tuple[str, str, Path, P
     return version, folder_rel, final, tmp
 
 
+def seal_version_folder(tmp: Path, final: Path, card: dict[str, Any],
+                        files: dict[str, str]) -> None:
+    """Write `card.json` (its sha256 into `files`), fsync the folder and rename it into place:
+    the version appears whole."""
+    files[CARD] = _write_json(tmp / CARD, card)
+    fsync_tree(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 def publish_version(
     journal: Journal,
     config: Config,
@@ -295,10 +305,7 @@ def publish_version(
             "journal_seq": last_seq,
             "journal_hash": last_hash,
         }
-        files[CARD] = _write_json(tmp / CARD, card)
-        fsync_tree(tmp)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        seal_version_folder(tmp, final, card, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
