@@ -33,6 +33,7 @@ PR_SET_PDEATHSIG = 1
 TAIL_LINES = 40
 WORKERS_WAIT_S = 15.0
 EX_TEMPFAIL = 75  # the child's exit status for a failure that is the disk's fault (sysexits.h)
+DISK_PREFIX = "disk: "  # ...and its RunFailed reason's start: it does not count as an attempt
 
 
 def die_with_parent() -> None:

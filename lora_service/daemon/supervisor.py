@@ -40,6 +40,7 @@ from lora_service import __version__
 from lora_service.config import Config
 from lora_service.daemon import systemd
 from lora_service.daemon.child import (
+    DISK_PREFIX,
     EX_TEMPFAIL,
     Child,
     ask_to_stop,
@@ -65,7 +66,6 @@ MAX_ATTEMPTS = 3
 BACKOFF_S = (5.0, 30.0, 120.0)
 STOP_TIMEOUT_S = 120.0
 INTAKE_JOIN_S = 5.0
-DISK_PREFIX = "disk: "  # a RunFailed whose reason starts so does not count as an attempt
 DISK_RETRY_S = (1.0, 2.0, 5.0)  # the daemon's own (small) writes, while the disk refuses
 DISK_BACKOFF_S = (5.0, 30.0, 120.0, 600.0)  # a run that failed for the disk's sake
 STALL_GRACE_S = 30.0  # a stalled child gets min(this, stall_timeout) to obey SIGTERM

@@ -38,7 +38,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-from lora_service.daemon.child import EX_TEMPFAIL, die_with_parent  # noqa: E402
+from lora_service.daemon.child import DISK_PREFIX, EX_TEMPFAIL, die_with_parent  # noqa: E402
 from lora_service.training.faults import Faults  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             except (ServiceError, OSError) as exc:
                 disk = disk_trouble(exc)
                 if disk is not None:  # the disk's fault, not the model's: say so (exit 75)
-                    print(f"error: disk: {disk}", file=sys.stderr)
+                    print(f"error: {DISK_PREFIX}{disk}", file=sys.stderr)
                     return EX_TEMPFAIL
                 if not isinstance(exc, ServiceError):
                     raise
@@ -142,7 +142,8 @@ def _failed(journal: Journal, run_id: str, exc: BaseException, disk: str | None)
     from lora_service.journal.events import RunFailed
 
     expected = isinstance(exc, ServiceError) or disk is not None
-    reason = f"disk: {disk}" if disk else str(exc) if expected else f"{type(exc).__name__}: {exc}"
+    reason = (f"{DISK_PREFIX}{disk}" if disk else str(exc) if expected
+              else f"{type(exc).__name__}: {exc}")
     tail = "" if expected else traceback.format_exc()[-4000:]
     print(f"error: run {run_id} failed: {reason}", file=sys.stderr)
     if tail:

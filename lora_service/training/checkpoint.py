@@ -37,7 +37,6 @@ from lora_service.store import fsync_dir, sha256_file
 PATTERN = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "manifest.json"
 GRAD_SCALER = "grad_scaler.json"
-# tests only: kill this process half-way through writing the checkpoint of this global step
 
 
 def checkpoints_dir(state_dir: Path, run_id: str) -> Path:

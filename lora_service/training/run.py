@@ -56,7 +56,6 @@ from lora_service.training.trainer import Trainer, check_precision
 
 LOSS_EVERY = 5
 log = get_logger("lora_service.training")
-# tests only: sleep this many seconds after each step, so a test can SIGKILL between steps
 FINISHED, STOPPED = "finished", "stopped"
 
 
@@ -210,8 +209,8 @@ class RunContext:
 
     def trainer_state(self) -> dict[str, Any]:
         tr = self.trainer
-        epoch, k = divmod(tr.local_step, tr.steps_per_epoch)
-        pos = k * tr.micro  # micro-batches of the epoch's order already trained
+        epoch, window = tr.window(tr.local_step)
+        pos = window.start  # micro-batches of the epoch's order already trained
         return {
             "run_id": self.run.run_id,
             "step": tr.global_step,

@@ -50,6 +50,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from lora_service.store import atomic_write_bytes
+from lora_service.versions import witness
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -512,14 +513,12 @@ def ss_metadata(
         "ss_training_started_at": _epoch_seconds(started_at),
         "ss_training_finished_at": _epoch_seconds(finished_at),
         "ss_training_comment": f"lora-service {version} (run {run_id})",
-        "lora_service_version": version,
+        **witness.metadata(version, journal_seq, journal_hash),
         "lora_service_run_id": run_id,
         "lora_service_parent": parent or "",
         "lora_service_parent_sha256": parent_sha256 or "",
         "lora_service_base_sha256": base_sha256,
         "lora_service_manifest": _canonical(manifest),
-        "lora_service_journal_seq": journal_seq,
-        "lora_service_journal_hash": journal_hash,
         "lora_service_config": _canonical(shareable_config(effective_config)),
         "lora_service_training_started_at": started_at,
         "lora_service_training_finished_at": finished_at,

@@ -65,12 +65,12 @@ from lora_service.versions.publish import (
 )
 
 Format = Literal["kohya", "peft"]
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # as `training.trainer` trains
 Tensors = dict[str, torch.Tensor]
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' `LORA_ADAPTER_METADATA_KEY`
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # as `training.trainer` trains
 
 
 @dataclass

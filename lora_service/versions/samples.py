@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 SAMPLES_DIR = "samples"
 GRID = "grid.png"
 SCHEDULER = "DDIMScheduler"
-# tests only: make rendering raise (value "oom" raises MemoryError, anything else RuntimeError)
 
 # sheet layout (grid.png and the compare sheet), in pixels
 CELL_MIN = 192  # small samples are upscaled (nearest) by a whole factor to at least this
