@@ -58,13 +58,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     args = parser.parse_args()
 
-    import lora_service.torch_compat  # noqa: F401
+    import lora_service.models.torch_compat  # noqa: F401
 
     # isort: split
-    from lora_service.training import base_model
-    from lora_service.training.plan import plan_run
+    from lora_service.daemon.plan import plan_run
+    from lora_service.models import base_model
+    from lora_service.models.render import Renderer, render_samples
     from lora_service.training.run import execute
-    from lora_service.versions.samples import Renderer, render_samples
 
     data = yaml.safe_load((ROOT / "daemon" / "config.yaml").read_text())
     data["paths"] = {"inbox": "inbox", "state": "state"}

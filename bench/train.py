@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "training"))
 
-import lora_service.torch_compat  # noqa: E402,F401  (must precede peft/diffusers)
+import lora_service.models.torch_compat  # noqa: E402,F401  (must precede peft/diffusers)
 
 # isort: split
 import torch  # noqa: E402
@@ -34,10 +34,10 @@ from conftest import add_batch  # noqa: E402  (tests/training/conftest.py: a bat
 from peft import LoraConfig  # noqa: E402
 
 from lora_service.config import load_config  # noqa: E402
+from lora_service.daemon.plan import plan_run  # noqa: E402
 from lora_service.journal import Journal  # noqa: E402
-from lora_service.training import base_model  # noqa: E402
+from lora_service.models import base_model  # noqa: E402
 from lora_service.training.data import load_pixels  # noqa: E402
-from lora_service.training.plan import plan_run  # noqa: E402
 from lora_service.training.run import RunContext  # noqa: E402
 
 

@@ -7,11 +7,13 @@ so `daemon/config.yaml` can say `../inbox` and work from any current directory.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +35,9 @@ DEFAULT_CONFIG = Path("daemon/config.yaml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # `name` becomes file names (versions/<name>-vNNNN.safetensors, deploy_dir/<name>.safetensors)
+# machine-local sections: never in a file that travels (kohya metadata, card.json), and never
+# what decides a run (a run is governed by the rest of its recorded, effective config)
+LOCAL_SECTIONS = ("paths", "logging")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -395,3 +400,59 @@ def load_config(path: Path | str) -> Config:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
     return parse_config(data, path)
+
+
+def run_config(recorded: dict[str, Any], local: Config) -> Config:
+    """The config that governs a run: the effective config its `RunStarted` recorded, with this
+    machine's `LOCAL_SECTIONS` (a moved state folder or a new log file changes no run)."""
+    mine = local.effective()
+    return Config.model_validate({**recorded, **{k: mine[k] for k in LOCAL_SECTIONS}})
+
+
+# -- what may travel -------------------------------------------------------------------------
+
+
+def shareable_model_name(base_model: str) -> str:
+    """`builtin:tiny-sd` as is; a local folder or file by its name only (no local paths)."""
+    return base_model if base_model.startswith("builtin:") else Path(base_model).name
+
+
+def _config_path_fields() -> list[tuple[str, ...]]:
+    """Key paths of the config fields that hold a file system path (from the Config model)."""
+    def mentions_path(annotation: Any) -> bool:
+        if annotation is Path:
+            return True
+        return any(mentions_path(a) for a in typing.get_args(annotation))
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+        found = []
+        for name, field in model.model_fields.items():
+            key = (*prefix, field.alias or name)
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found += walk(annotation, key)
+            elif mentions_path(annotation):
+                found.append(key)
+        return found
+
+    return walk(Config, ())
+
+
+def shareable_config(effective: dict[str, Any]) -> dict[str, Any]:
+    """The effective configuration as it goes into shared files (the kohya file's
+    `lora_service_config`, card.json): without the machine-local sections `paths` and
+    `logging`, and with every other local path (`base_model`, `labelling.weights`, any field
+    the Config model types as a path) cut to its file or folder name. The journal's
+    `RunStarted` keeps the configuration as it was."""
+    out = copy.deepcopy({k: v for k, v in effective.items() if k not in LOCAL_SECTIONS})
+    if isinstance(out.get("base_model"), str):
+        out["base_model"] = shareable_model_name(out["base_model"])
+    for key in _config_path_fields():
+        if key[0] in LOCAL_SECTIONS:
+            continue
+        parent = out
+        for part in key[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(key[-1]), str):
+            parent[key[-1]] = Path(parent[key[-1]]).name
+    return out

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from lora_service.config import DEFAULT_CONFIG, Config, load_config
 from lora_service.journal import Journal
@@ -81,10 +84,6 @@ def table(
 ) -> None:
     """A readable table for people (rich); scripts use --json. Every cell is literal text: a
     caption or file name like `[/x]` is user data, never rich markup."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     grid = Table(title=Text(printable(title)) if title else None, show_lines=False)
     for i, column in enumerate(columns):
         grid.add_column(Text(column), no_wrap=no_wrap_first and i == 0)

@@ -18,8 +18,12 @@ from lora_service.cli.common import (
     table,
 )
 from lora_service.errors import ServiceError, UsageError
+from lora_service.inbox.queries import list_batches
 from lora_service.journal import events as ev
 from lora_service.journal import queries
+from lora_service.versions import history
+from lora_service.versions.export import export_version
+from lora_service.versions.heads import move_head
 
 
 def _loss(value: float | None) -> str:
@@ -48,8 +52,6 @@ def versions(config_path: Path, as_json: bool) -> None:
     is on the fixed validation images, overall and per batch (`val_loss_per_batch`), so a
     version that forgot an older batch shows it. The table indents each version under its
     parent and says which one is the head, which are in its lineage and which were held."""
-    from lora_service.versions import history
-
     config = load(config_path)
     with open_journal(config, "read") as journal:
         rows = history.version_rows(journal)
@@ -94,22 +96,35 @@ def _wide_table(title: str, columns: list[str], rows: list[tuple[Any, ...]]) -> 
 @click.option("--version", "version_name", metavar="V",
               help="V's lineage instead of the head's.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart.")
-def loss(config_path: Path, as_json: bool, version_name: str | None, plot: Path | None) -> None:
+@click.option("--points", "max_points", type=click.IntRange(min=10), default=queries.LOSS_POINTS,
+              show_default=True, metavar="N",
+              help="At most N points of the curve: beyond, the lowest and highest loss of each "
+                   "of N/2 equal step ranges.")
+@click.option("--full", is_flag=True, help="Every logged point (--json), not at most N.")
+def loss(config_path: Path, as_json: bool, version_name: str | None, plot: Path | None,
+         max_points: int, full: bool) -> None:
     """The loss trend: per version and per logged step; a PNG chart on request.
 
     Shows the lineage of the head (or of V): each version's train and validation loss, and
-    every logged train loss by global step (a version's curve continues its parent's). The
-    chart marks where each version ends and its validation loss."""
-    from lora_service.versions import history
-
+    the logged train losses by global step (a version's curve continues its parent's). A
+    curve of more than N points is downsampled on the way out of the journal to the lowest and
+    highest loss of each of N/2 equal step ranges, so every spike stays visible; `downsampled`
+    in --json says how, and --full gives every point instead. The chart marks where each
+    version ends and its validation loss."""
     config = load(config_path)
     with open_journal(config, "read") as journal:
-        series = history.loss_series(journal, version_name)
-    if plot is not None:
-        history.plot_loss(series, plot)
-    if as_json:
-        emit_json(series | ({"plot": str(plot)} if plot is not None else {}))
-        return
+        series = history.loss_series(journal, version_name,
+                                     points=None if full and as_json else max_points)
+        if plot is not None:
+            from lora_service.cli.charts import plot_loss
+
+            drawn = series if isinstance(series["points"], list) else history.loss_series(
+                journal, version_name, points=max_points)
+            plot_loss(drawn, plot)
+        if as_json:
+            _emit_series(series | ({"plot": str(plot)} if plot is not None else {}))
+            return
+        tail = history.loss_tail(journal, version_name, POINTS_SHOWN)
     table(
         f"losses, lineage of {series['version'] or '(no version yet)'}",
         ["version", "steps", "train loss", "val loss", "val loss per batch"],
@@ -124,19 +139,44 @@ def loss(config_path: Path, as_json: bool, version_name: str | None, plot: Path 
             for v in series["versions"]
         ],
     )
-    points = series["points"]
-    shown = points[-POINTS_SHOWN:]
+    sampled = series["downsampled"]
+    total = sampled["total_points"] if sampled else len(series["points"])
     title = "train loss by step"
-    if len(points) > len(shown):
-        title += f" (last {len(shown)} of {len(points)}; --json for all)"
+    if total > len(tail):
+        title += f" (last {len(tail)} of {total}; --json --full for all)"
     table(
         title,
         ["step", "loss", "lr", "version"],
         [(p["step"], _loss(p["loss"]), f"{p['lr']:.3g}", p["version"] or "(training)")
-         for p in shown],
+         for p in tail],
     )
     if plot is not None:
         echo(f"wrote {plot}")
+
+
+def _emit_series(series: dict[str, Any]) -> None:
+    """`emit_json(series)`, the same text, with `points` written as they come when they are
+    an iterator (`loss --full`: a million points are never held at once)."""
+    points = series["points"]
+    if isinstance(points, list):
+        emit_json(series)
+        return
+    before, after = json.dumps(series | {"points": []}, indent=2, sort_keys=True,
+                               default=str).split('\n  "points": [],', 1)
+    out = click.get_text_stream("stdout")
+    out.write(before + '\n  "points": [')
+    written = 0
+    for point in points:
+        if point and not any(isinstance(v, dict | list | tuple) for v in point.values()):
+            # what json.dumps(point, indent=2, ...) writes there, by the C encoder (5x faster)
+            flat = json.dumps(point, sort_keys=True, default=str, separators=(",\n      ", ": "))
+            text = "{\n      " + flat[1:-1] + "\n    }"
+        else:
+            text = json.dumps(point, indent=2, sort_keys=True, default=str).replace("\n", "\n    ")
+        out.write(("," if written else "") + "\n    " + text)
+        written += 1
+    out.write(("\n  ]," if written else "],") + after + "\n")
+    out.flush()
 
 
 @click.command()
@@ -149,8 +189,6 @@ def audit(config_path: Path, as_json: bool, version_name: str) -> None:
     Every file the version depends on (its own and its ancestors' version files, every image
     and caption of every batch trained into it, the base model's files) is re-hashed against
     the journal; any that is missing or changed is named and the exit status is 1."""
-    from lora_service.versions import history
-
     config = load(config_path)
     with open_journal(config, "read") as journal:
         record = history.audit_record(journal, config.paths.state, version_name)
@@ -218,8 +256,6 @@ def rollback(config_path: Path, version_name: str, reason: str) -> None:
 
     The next incremental run starts from V. Batches trained only in versions that leave the
     head's lineage stay out of later runs until `requeue` puts them back. deploy_dir follows."""
-    from lora_service.versions import move_head
-
     config = load(config_path)
     with open_journal(config) as journal:
         previous = queries.head_version(journal)
@@ -237,8 +273,6 @@ def rollback(config_path: Path, version_name: str, reason: str) -> None:
               help="Why (journaled with the head move).")
 def promote(config_path: Path, version_name: str, reason: str) -> None:
     """Move the head to a version the promotion gate held."""
-    from lora_service.versions import move_head
-
     config = load(config_path)
     with open_journal(config) as journal:
         previous = queries.head_version(journal)
@@ -251,8 +285,6 @@ def promote(config_path: Path, version_name: str, reason: str) -> None:
 @json_option
 def batches(config_path: Path, as_json: bool) -> None:
     """Every batch: status, images, caption sources, reasons for bad files."""
-    from lora_service.inbox.queries import list_batches
-
     config = load(config_path)
     with open_journal(config, "read") as journal:
         rows = list_batches(journal)
@@ -311,8 +343,6 @@ def export(config_path: Path, version_name: str, fmt: str, output: Path, force: 
 
     kohya: the `.safetensors` file (into PATH when it is a folder); peft: the adapter folder as
     PATH. The files are checked against the journal first; an existing PATH needs --force."""
-    from lora_service.versions import export_version
-
     config = load(config_path)
     with open_journal(config) as journal:
         target = export_version(

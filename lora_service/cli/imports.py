@@ -2,20 +2,18 @@
 
 The work (reading the file, checking it against the base model, writing the version) needs
 torch, so it runs in a child process, `python -m lora_service.training --import-adapter`
-(`lora_service.versions.importing`); this side holds the state lock and reports.
+(`lora_service.models.importing`); this side holds the state lock and reports.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 
 from lora_service.cli.common import config_option, echo, load
-from lora_service.errors import ServiceError, UsageError
+from lora_service.daemon.child import run_once
 from lora_service.store import StateLock
 
 
@@ -37,21 +35,10 @@ def import_adapter(config_path: Path, path: Path, fmt: str | None) -> None:
     says (an import is an explicit choice); the next run continues from it with the
     incremental learning rate and epochs. Needs the state lock: stop the daemon first."""
     config = load(config_path)
-    from lora_service.daemon.child import child_env
-
-    argv = [sys.executable, "-m", "lora_service.training", "--config", str(config.source),
-            "--import-adapter", str(path.resolve()), "--progress", "off"]
-    argv += ["--format", fmt] if fmt else []
+    args = ["--import-adapter", str(path.resolve()), *(["--format", fmt] if fmt else [])]
     with StateLock(config.paths.state):
-        proc = subprocess.run(argv, env=child_env(), capture_output=True, text=True,
-                              check=False)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-        reason = errors[-1] if errors else (lines[-1] if lines else f"exit {proc.returncode}")
-        raise (UsageError if proc.returncode == 2 else ServiceError)(
-            f"import {path.name}: {reason}")
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
+        line = run_once(config, f"import {path.name}", *args)
+    done = json.loads(line)
     echo(f"imported {done['origin']} ({done['format']}, rank {done['rank']}, alpha "
          f"{done['alpha']:g}, {done['modules']} modules, sha256 {done['sha256']}) as "
          f"{done['version']}")

@@ -40,20 +40,14 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
             "progress": f"{done}/{run['total_steps']}",
             "parent": run["parent"],
         }
-        rate = journal.query(
-            "SELECT avg(images_per_s) AS r FROM loss_points WHERE run_id = ?", [run["run_id"]]
-        )[0]["r"]
+        rate = queries.images_per_s(journal, run["run_id"])
         if rate:
             batch = (queries.loads(run["config"]) or {}).get("train", {}).get("batch_size", 1)
             remaining = max(0, run["total_steps"] - done)
             running["eta_seconds"] = round(remaining * batch / rate, 1)
-    failed = journal.query(
-        "SELECT run_id, last_error, failures, status, ended_at FROM runs"
-        " WHERE status IN ('failed', 'gave_up') ORDER BY started_seq DESC LIMIT 1"
-    )
-    held = journal.query(
-        "SELECT version, held_reason FROM versions WHERE held = 1 ORDER BY created_seq DESC"
-    )
+    last_failed = queries.last_failed_run(journal)
+    failed = [last_failed] if last_failed else []
+    held = queries.held_versions(journal)
     seq = journal.last_seq()
     last = next(journal.events(since=seq - 1), None) if seq else None
     projected = journal.projected_seq() or 0

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from lora_service.cli.common import config_option, echo, load, open_journal
+from lora_service.daemon.child import run_once
+from lora_service.inbox.labeller import ChildLabeller, label_folder
+from lora_service.versions.heads import version_row
+from lora_service.versions.samples import compare_sheet, default_pair, write_png
 
 
 @click.command()
@@ -28,13 +33,12 @@ def sample(config_path: Path, version_name: str, prompt: str, seed: int, output:
     count V was trained with, so a prompt and seed from `samples.prompts`/`samples.seeds`
     gives the same bytes as V's stored sample.
     """
-    from lora_service.versions.samples import render_one, write_png
-
     config = load(config_path)
-    journal = open_journal(config, "read")
-    image = render_one(journal, config, version_name, prompt, seed)
-    write_png(output, image)
-    echo(f"wrote {output} ({version_name}, seed {seed}, {image.width}x{image.height})")
+    with open_journal(config, "read") as journal:
+        version_row(journal, version_name)  # a wrong name fails here, before a child starts
+    done = json.loads(run_once(config, "", "--sample", version_name, "--prompt", prompt,
+                               "--seed", str(seed), "--output", str(output.absolute())))
+    echo(f"wrote {output} ({version_name}, seed {seed}, {done['width']}x{done['height']})")
 
 
 @click.command()
@@ -55,15 +59,19 @@ def compare(config_path: Path, v1: str | None, v2: str | None, output: Path | No
     A version's stored samples are used when they match the settings and verify; otherwise
     it is rendered.
     """
-    from lora_service.versions.samples import compare_sheet, default_pair, write_png
-
     config = load(config_path)
-    journal = open_journal(config, "read")
-    v1, v2 = default_pair(journal, v1, v2)
-    target = output if output is not None else Path(f"compare-{v1}-{v2}.png")
-    image = compare_sheet(journal, config, v1, v2)
-    write_png(target, image)
-    echo(f"wrote {target} ({v1} | {v2}, {image.width}x{image.height})")
+    with open_journal(config, "read") as journal:
+        v1, v2 = default_pair(journal, v1, v2)
+        target = output if output is not None else Path(f"compare-{v1}-{v2}.png")
+        image = compare_sheet(journal, config, v1, v2)  # None: a column must be rendered
+        if image is not None:
+            write_png(target, image)
+            size = (image.width, image.height)
+    if image is None:
+        done = json.loads(run_once(config, "", "--compare", v1, v2,
+                                   "--output", str(target.absolute())))
+        size = (done["width"], done["height"])
+    echo(f"wrote {target} ({v1} | {v2}, {size[0]}x{size[1]})")
 
 
 @click.command()
@@ -75,16 +83,8 @@ def label(config_path: Path, directory: Path) -> None:
     Each image with no `<stem>.txt` (and no `metadata.csv` row) gets a sidecar with the
     `labelling.top_k` best tags of `labelling.vocabulary`; existing captions are never
     overwritten. Needs `labelling.weights`, a local open_clip weights file."""
-    from lora_service.labelling import label_folder, weights_path
-
     config = load(config_path)
-    weights = weights_path(config)
-    from lora_service.labelling.clip import ClipLabeller
-
-    labeller = ClipLabeller(
-        config.labelling.model, weights, config.labelling.vocabulary, config.labelling.top_k,
-        config_dir=config_path.parent,
-    )
+    labeller = ChildLabeller(config)  # open_clip runs in `python -m lora_service.labelling`
     written = label_folder(directory, labeller, config.inbox.allowed_extensions)
     for name, caption in sorted(written.items()):
         echo(f"{name}: {caption if caption is not None else 'not readable, skipped'}")

@@ -27,29 +27,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_service.config import Config
+from lora_service.errors import ServiceError, UsageError
+from lora_service.process import child_env
 
-PARENT_ENV = "LORA_SERVICE_PARENT_PID"
-PR_SET_PDEATHSIG = 1
 TAIL_LINES = 40
 WORKERS_WAIT_S = 15.0
-EX_TEMPFAIL = 75  # the child's exit status for a failure that is the disk's fault (sysexits.h)
-DISK_PREFIX = "disk: "  # ...and its RunFailed reason's start: it does not count as an attempt
 
 
-def die_with_parent() -> None:
-    """In a child of the daemon (LORA_SERVICE_PARENT_PID set): ask Linux to SIGKILL this process
-    when its parent dies, so a killed daemon leaves no orphaned child behind."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # the parent (the daemon, or the launcher that sets this for its workers) may have died
-    # before prctl: then we were already re-parented
-    if str(os.getppid()) != parent:
-        os._exit(1)
+def run_once(config: Config, what: str, *args: str) -> str:
+    """Run the torch child for one job (`--register-base`, `--import-adapter`, `--sample`,
+    `--compare`) and return its last line of stdout. The CLI's way to the torch side: torch
+    loads in the child, never here. Its `error: …` line (the file, key or value at fault)
+    becomes a UsageError (exit 2) or ServiceError, after `what: ` when `what` is given."""
+    assert config.source is not None, "a config loaded from a file"
+    argv = [sys.executable, "-m", "lora_service.training", "--config", str(config.source),
+            *args, "--progress", "off"]
+    proc = subprocess.run(argv, env=child_env(), capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+        reason = errors[-1] if errors else (lines[-1] if lines else f"exit {proc.returncode}")
+        raise (UsageError if proc.returncode == 2 else ServiceError)(
+            f"{what}: {reason}" if what else reason)
+    lines = proc.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def child_argv(config: Config, *args: str) -> list[str]:
@@ -94,16 +96,6 @@ def _children(pid: int) -> list[int]:
             with open(f"/proc/{pid}/task/{task}/children") as fh:
                 out += [int(x) for x in fh.read().split()]
     return out
-
-
-def child_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        PARENT_ENV: str(os.getpid()),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 @dataclass

@@ -27,7 +27,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
@@ -39,25 +38,20 @@ from typing import Any
 from lora_service import __version__
 from lora_service.config import Config
 from lora_service.daemon import systemd
-from lora_service.daemon.child import (
-    DISK_PREFIX,
-    EX_TEMPFAIL,
-    Child,
-    ask_to_stop,
-    child_argv,
-    child_env,
-    describe_exit,
-)
+from lora_service.daemon.child import Child, ask_to_stop, child_argv, describe_exit
 from lora_service.daemon.cleanup import remove_leftovers
+from lora_service.daemon.plan import plan_run
 from lora_service.daemon.schedule import Timetable
 from lora_service.daemon.statusfile import overwrite_status, write_status
 from lora_service.errors import ServiceError
 from lora_service.inbox.intake import Hooks, Intake
+from lora_service.inbox.labeller import make_labeller
 from lora_service.inbox.watch import InboxWatcher
 from lora_service.journal import Journal, queries
 from lora_service.journal import events as ev
-from lora_service.labelling import make_labeller
+from lora_service.journal.sqlite import FAULTS
 from lora_service.logs import get_logger, setup_logging
+from lora_service.process import DISK_PREFIX, EX_TEMPFAIL, child_env
 from lora_service.store import StateLock, disk_trouble
 
 log = get_logger("lora_service.daemon")
@@ -70,7 +64,7 @@ DISK_RETRY_S = (1.0, 2.0, 5.0)  # the daemon's own (small) writes, while the dis
 DISK_BACKOFF_S = (5.0, 30.0, 120.0, 600.0)  # a run that failed for the disk's sake
 STALL_GRACE_S = 30.0  # a stalled child gets min(this, stall_timeout) to obey SIGTERM
 HEARTBEAT = "child.heartbeat"
-WRITE_ERRORS = (OSError, ServiceError, sqlite3.Error)  # JournalError is a ServiceError
+WRITE_ERRORS = (OSError, ServiceError, *FAULTS)  # JournalError is a ServiceError
 
 
 class Supervisor:
@@ -274,8 +268,7 @@ class Supervisor:
         """Materialise and register the base model in a child (it imports torch); False when
         a stop came first. Building or hashing a real model takes minutes: systemd's start
         timeout is extended (EXTEND_TIMEOUT_USEC) while the child works, not raced."""
-        known = journal.query("SELECT 1 FROM base_models WHERE spec = ?", [self.config.base_model])
-        if known:
+        if queries.base_registered(journal, self.config.base_model):
             return True
         log.info("registering base model", spec=self.config.base_model)
         proc = subprocess.Popen(child_argv(self.config, "--register-base"), env=child_env(),
@@ -329,13 +322,7 @@ class Supervisor:
 
     def _attempts(self, journal: Journal, run_id: str) -> int:
         """Failures that count toward MAX_ATTEMPTS: not those that were the disk's fault."""
-        rows = journal.query(
-            "SELECT count(*) AS n FROM events WHERE type = 'RunFailed'"
-            " AND json_extract(payload, '$.run_id') = ?"
-            " AND substr(json_extract(payload, '$.reason'), 1, ?) != ?",
-            [run_id, len(DISK_PREFIX), DISK_PREFIX],
-        )
-        return int(rows[0]["n"])
+        return queries.failures_counted(journal, run_id, not_prefix=DISK_PREFIX)
 
     def _reap(self, journal: Journal, code: int) -> None:
         """Judge a child that exited; a failure's RunFailed goes through the backlog, so a
@@ -346,19 +333,13 @@ class Supervisor:
             log.info("training child finished", run_id=child.run_id)
             self.disk_waits.pop(child.run_id, None)
             return
-        run = journal.query("SELECT status FROM runs WHERE run_id = ?", [child.run_id])
-        if run and run[0]["status"] == "finished":  # the journal has its version: no failure
+        run = queries.run(journal, child.run_id)
+        if run and run["status"] == "finished":  # the journal has its version: no failure
             log.warning("training child exited after its run finished", run_id=child.run_id,
                         reason=describe_exit(code)[0])
             self.disk_waits.pop(child.run_id, None)
             return
-        own = journal.query(
-            "SELECT seq, json_extract(payload, '$.reason') AS reason FROM events"
-            " WHERE type = 'RunFailed' AND seq > ? AND json_extract(payload, '$.run_id') = ?"
-            " ORDER BY seq DESC LIMIT 1",
-            [self.child_seq, child.run_id],
-        )
-        journaled = own[0] if own else None
+        journaled = queries.last_failure(journal, child.run_id, since=self.child_seq)
         reason, signame = describe_exit(code)
         if child.stalled is not None:  # our own SIGKILL: not an out-of-memory kill
             then = "it ignored SIGTERM and was killed" if signame == "SIGKILL" else reason
@@ -372,8 +353,7 @@ class Supervisor:
         gave_up = not disk and attempt >= MAX_ATTEMPTS
         if not journaled or gave_up:
             if journaled:
-                last = journal.query("SELECT last_error FROM runs WHERE run_id = ?",
-                                     [child.run_id])[0]["last_error"]
+                last = (queries.run(journal, child.run_id) or {}).get("last_error")
                 reason = f"gave up after {attempt} attempts; last: {last}"
             self.backlog.append(
                 ev.RunFailed(
@@ -396,29 +376,24 @@ class Supervisor:
             delay = BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1]
         self.retry_at[child.run_id] = time.monotonic() + delay
         log.warning("training child failed", run_id=child.run_id, reason=reason, attempt=attempt,
-                    gave_up=gave_up, disk=disk, status=run[0]["status"] if run else None)
+                    gave_up=gave_up, disk=disk, status=run["status"] if run else None)
 
     def _next_run(self, journal: Journal) -> None:
         # 1. a run interrupted by a crash or a stop: resume it before anything else
-        for run in journal.query("SELECT run_id FROM runs WHERE status = 'running'"
-                                 " ORDER BY started_seq"):
-            self._start(journal, run["run_id"])
+        for run_id in queries.runs_with_status(journal, "running"):
+            self._start(journal, run_id)
             return
         # 2. a failed run with attempts left, once its back-off has passed
-        for run in journal.query("SELECT run_id FROM runs WHERE status = 'failed'"
-                                 " ORDER BY started_seq"):
-            if time.monotonic() >= self.retry_at.get(run["run_id"], 0.0):
-                self._start(journal, run["run_id"])
+        for run_id in queries.runs_with_status(journal, "failed"):
+            if time.monotonic() >= self.retry_at.get(run_id, 0.0):
+                self._start(journal, run_id)
                 return
         # 3. the schedule or an arrival asks for a run when enough is pending
         self._maybe_request(journal)
         # 4. a request (train-now, schedule, arrival) not yet answered by a run
-        for request in journal.query(
-            "SELECT seq, fresh FROM requests WHERE run_id IS NULL AND seq > ? ORDER BY seq",
-            [self.request_cursor],
-        ):
-            self.request_cursor = request["seq"]
-            if self._plan(journal, request["seq"], bool(request["fresh"])):
+        for seq, fresh in queries.open_requests(journal, after=self.request_cursor):
+            self.request_cursor = seq
+            if self._plan(journal, seq, fresh):
                 return
 
     def _maybe_request(self, journal: Journal) -> None:
@@ -436,8 +411,6 @@ class Supervisor:
                                             pid=os.getpid()))
 
     def _plan(self, journal: Journal, request_seq: int, fresh: bool) -> bool:
-        from lora_service.training.plan import plan_run
-
         try:
             run = plan_run(journal, self.config, fresh=fresh, request_seq=request_seq)
         except ServiceError as exc:

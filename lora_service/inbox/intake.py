@@ -97,7 +97,7 @@ from lora_service.inbox.validate import (
     check_image,
     write_synced,
 )
-from lora_service.journal import Journal
+from lora_service.journal import Journal, queries
 from lora_service.journal import events as ev
 from lora_service.store import fsync_dir, sha256_bytes
 
@@ -596,16 +596,13 @@ class Intake:
     # -- recovery ----------------------------------------------------------------------------
 
     def _last_intake(self, name: str) -> dict[str, Any] | None:
-        rows = self.journal.query(
-            "SELECT * FROM intakes WHERE name = ? ORDER BY seq DESC LIMIT 1", (name,)
-        )
-        return rows[0] if rows else None
+        return queries.last_intake(self.journal, name)
 
     def _clean_store(self) -> None:
         """Remove what a killed intake left in the store: temp folders and unjournaled batches."""
         if not self.store.is_dir():
             return
-        known = {row["batch_id"] for row in self.journal.query("SELECT batch_id FROM batches")}
+        known = set(queries.batch_rows(self.journal))
         for entry in os.scandir(self.store):
             if entry.name.startswith(".") or entry.name not in known:
                 log.warning("removing what an interrupted intake left", path=entry.path)
@@ -635,12 +632,7 @@ class Intake:
             return any(_is_own_report(fd, name) for name in reports)
         if isinstance(fd, str):
             return False
-        wanted = {
-            r["sha256"]
-            for r in self.journal.query(
-                "SELECT sha256 FROM batch_images WHERE batch_id = ?", (row["batch_id"],)
-            )
-        }
+        wanted = queries.batch_image_shas(self.journal, row["batch_id"])
         have = {
             _sha256_at(fd, entry.name)
             for entry in os.scandir(fd)
@@ -859,12 +851,12 @@ class Intake:
 
     def _accept(self, name: str, key: str, tmp: Path, verdict: _Verdict) -> Outcome:
         batch_id = batch_id_of([(g.check.sha256 or "", g.caption) for g in verdict.good])
-        first = self.journal.query("SELECT name FROM batches WHERE batch_id = ?", (batch_id,))
+        first = queries.batch(self.journal, batch_id)
         moved_to, problem = self._destination(ACCEPTED, key, verdict)
         bad, notes = verdict.journaled()
         if first:
             (seq,) = self.journal.append(ev.BatchDuplicate(
-                name=key, batch_id=batch_id, duplicate_of=first[0]["name"], moved_to=moved_to))
+                name=key, batch_id=batch_id, duplicate_of=first["name"], moved_to=moved_to))
             self.hooks.at("journaled")
             return self._move_out(name, Outcome(key, "duplicate", moved_to, batch_id,
                                                 len(verdict.good), bad, seq, not_moved=problem))

@@ -10,20 +10,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lora_service.journal import Journal
-from lora_service.journal.queries import batch_states
+from lora_service.journal import Journal, queries
 
 
 def list_batches(journal: Journal) -> list[dict[str, Any]]:
     """One dict per decided intake: batch_id, name, status, images, caption_sources, bad,
     notes, reason, moved_to, seq, ts (in journal order)."""
-    states = batch_states(journal)
-    batches = {row["batch_id"]: row for row in journal.query("SELECT * FROM batches")}
+    states = queries.batch_states(journal)
+    batches = queries.batch_rows(journal)
     out: list[dict[str, Any]] = []
-    for row in journal.query(
-        "SELECT * FROM intakes WHERE outcome IN ('accepted', 'rejected', 'duplicate')"
-        " ORDER BY seq"
-    ):
+    for row in queries.decided_intakes(journal):
         batch = batches.get(row["batch_id"]) if row["batch_id"] else None
         if row["outcome"] == "accepted":
             state = states.get(row["batch_id"])

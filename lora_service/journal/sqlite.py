@@ -51,7 +51,9 @@ from lora_service.journal import projections
 from lora_service.journal.events import Event, decode
 
 GENESIS = "0" * 64
-SCHEMA_VERSION = 2  # 1: events, projections, UPDATE/DELETE triggers; 2: the INSERT trigger
+# 1: events, projections, UPDATE/DELETE triggers; 2: the INSERT trigger; 3: indexes on
+# loss_points and checkpoints (`_PROJECTION_INDEXES`)
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 60.0
 INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
 
@@ -60,6 +62,31 @@ Mode = Literal["create", "write", "read"]
 
 class JournalError(ServiceError):
     """The journal cannot be opened, read or written (damaged file, locked too long, disk full)."""
+
+
+# what a journal call may raise when its file or disk fails (most arrive as JournalError)
+FAULTS: tuple[type[Exception], ...] = (JournalError, sqlite3.Error)
+
+
+class StaleDecision(JournalError):
+    """A decision read the journal at a position it has since moved past (see `Expect`): the
+    caller re-reads and decides again."""
+
+
+# the events a decision about the head depends on: which version is the head, which versions
+# exist, which batches are pending
+HEAD_EVENTS = ("HeadMoved", "VersionCreated", "VersionImported", "BatchRequeued")
+
+
+@dataclass(frozen=True)
+class Expect:
+    """Where a decision was read: `append(..., expect=Expect(seq))` refuses (StaleDecision,
+    nothing appended) when an event of `types` was appended after `seq` — the optimistic
+    concurrency of the eventsourcing library's recorders, for the head's stream. Other events
+    (losses, intake) may land meanwhile; they change nothing such a decision read."""
+
+    seq: int
+    types: tuple[str, ...] = HEAD_EVENTS
 
 
 class NoJournal(JournalError):
@@ -146,6 +173,16 @@ _EVENTS_DDL = (
       SELECT RAISE(ABORT, 'journal events are append-only: INSERT must be the next seq, new hash');
     END""",
     "CREATE TABLE IF NOT EXISTS position (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER)",
+)
+
+# Indexes on projection tables are only speed: a journal without one (schema 2, until a writer
+# opens it) answers the same, slower, so they are not part of `schema_problems`.
+LOSS_INDEX = "loss_points_by_run"
+_PROJECTION_INDEXES = (
+    # `queries.loss_curve`: a run's points by step, with the loss, without reading the table
+    f"CREATE INDEX IF NOT EXISTS {LOSS_INDEX} ON loss_points (run_id, step, loss)",
+    # a checkpoint releases the previous one by path: without it, a scan per CheckpointSaved
+    "CREATE INDEX IF NOT EXISTS checkpoints_by_path ON checkpoints (path)",
 )
 
 
@@ -274,6 +311,8 @@ class Journal:
             for statement in _EVENTS_DDL:
                 self.conn.execute(statement)
             projections.create_tables(self.conn)
+            for statement in _PROJECTION_INDEXES:
+                self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.conn.execute("COMMIT")
         except BaseException:
@@ -283,8 +322,9 @@ class Journal:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def append(self, *events: Event) -> list[int]:
-        """Append events in one transaction (all or none) and return their seqs."""
+    def append(self, *events: Event, expect: Expect | None = None) -> list[int]:
+        """Append events in one transaction (all or none) and return their seqs; with `expect`,
+        only if no event of `expect.types` came after `expect.seq` (else StaleDecision)."""
         if os.getpid() != self._pid:
             raise JournalError("a journal connection cannot be used across fork; open a new one")
         if self.readonly:
@@ -293,15 +333,23 @@ class Journal:
             return []
         with self._lock:
             try:
-                return self._append(events)
+                return self._append(events, expect)
             except (sqlite3.DatabaseError, ValueError) as exc:
                 raise JournalError(f"{self.path}: append failed ({exc})") from None
 
-    def _append(self, events: tuple[Event, ...]) -> list[int]:
+    def _append(self, events: tuple[Event, ...], expect: Expect | None) -> list[int]:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             seq, prev = self._position()
+            if expect is not None and seq > expect.seq:
+                marks = ", ".join("?" for _ in expect.types)
+                moved = conn.execute(
+                    f"SELECT seq, type FROM events WHERE seq > ? AND type IN ({marks})"
+                    " ORDER BY seq LIMIT 1", (expect.seq, *expect.types)).fetchone()
+                if moved is not None:
+                    raise StaleDecision(f"{self.path}: decided at seq {expect.seq}, but "
+                                        f"{moved[1]} was appended at seq {moved[0]}")
             seqs = []
             for event in events:
                 seq += 1
@@ -388,6 +436,11 @@ class Journal:
     def query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         with self._reading():
             return list(self.db.query(sql, params))
+
+    def iter_query(self, sql: str, params: Any = ()) -> Iterator[dict[str, Any]]:
+        """`query` a row at a time, for answers too long to hold (a million loss points)."""
+        with self._reading():
+            yield from self.db.query(sql, params)
 
     def close(self) -> None:
         self.conn.close()

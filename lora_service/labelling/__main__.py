@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from lora_service.config import load_config
 from lora_service.errors import ServiceError
+from lora_service.inbox.labeller import weights_path
+from lora_service.process import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,18 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", choices=("hang",), help=argparse.SUPPRESS)  # tests only
     parser.add_argument("files", nargs="*", type=Path)
     args = parser.parse_args(argv)
-    from lora_service.daemon.child import die_with_parent
-
     die_with_parent()  # under the daemon: die with it, like the training child
     while args.fault == "hang":
         time.sleep(3600)
     try:
-        from lora_service.config import load_config
-        from lora_service.labelling import weights_path
-
         config = load_config(args.config)
         weights = weights_path(config)
-        from lora_service.labelling.clip import ClipLabeller
+        from lora_service.models.clip import ClipLabeller
 
         labeller = ClipLabeller(config.labelling.model, weights, config.labelling.vocabulary,
                                 config.labelling.top_k, config_dir=args.config.parent)

@@ -1,6 +1,3 @@
-"""Training: base models, run planning, the training child, checkpoints.
-
-This package's `__init__` imports nothing heavy: the daemon imports `plan` and `split` (torch-free);
-everything that needs torch (`base_model`, `data`, `trainer`, `checkpoint`, `run`) is imported
-only inside the training child or the foreground `train-now`.
-"""
+"""The training child (torch side): `python -m lora_service.training` runs a planned run
+(`run`, `trainer`, `data`, `checkpoint`), and the one-shot jobs the torch-free side asks of it
+(register the base model, import an adapter, draw a sample or an A/B sheet)."""

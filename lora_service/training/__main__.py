@@ -25,11 +25,6 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lora_service.config import Config
-    from lora_service.journal import Journal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,8 +33,18 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-from lora_service.daemon.child import DISK_PREFIX, EX_TEMPFAIL, die_with_parent  # noqa: E402
+import json  # noqa: E402
+
+from lora_service.config import Config, load_config  # noqa: E402
+from lora_service.errors import ServiceError  # noqa: E402
+from lora_service.journal import Journal  # noqa: E402
+from lora_service.journal.events import RunFailed  # noqa: E402
+from lora_service.logs import setup_logging  # noqa: E402
+from lora_service.process import DISK_PREFIX, EX_TEMPFAIL, die_with_parent  # noqa: E402
+from lora_service.store import disk_trouble  # noqa: E402
+from lora_service.training import heartbeat  # noqa: E402
 from lora_service.training.faults import Faults  # noqa: E402
+from lora_service.versions.samples import compare_sheet, write_png  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="materialise and register the configured base model, then exit")
     what.add_argument("--import-adapter", type=Path, metavar="PATH",
                       help="import a kohya or peft LoRA as a new lineage root, then exit")
+    what.add_argument("--sample", metavar="V",
+                      help="render one image of version V (--prompt, --seed) to --output")
+    what.add_argument("--compare", nargs=2, metavar=("V1", "V2"),
+                      help="write the A/B sheet of V1 and V2 to --output")
     parser.add_argument("--format", choices=("kohya", "peft"), help="with --import-adapter")
+    parser.add_argument("--prompt", default="", help="with --sample")
+    parser.add_argument("--seed", type=int, default=0, help="with --sample")
+    parser.add_argument("--output", type=Path, help="with --sample and --compare: a PNG file")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--heartbeat", type=Path, help="touch this file as the run progresses")
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
@@ -61,16 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     faults = Faults.parse(args.fault)
     if faults.segv and args.run_id:
         os.kill(os.getpid(), signal.SIGSEGV)  # a child that crashes hard
-    from lora_service.training import heartbeat
-
     heartbeat.use(args.heartbeat)
     with heartbeat.phase():  # imports and opening: seconds, tens of them on a busy machine
-        from lora_service.config import load_config
-        from lora_service.errors import ServiceError
-        from lora_service.journal import Journal
-        from lora_service.logs import setup_logging
-        from lora_service.store import disk_trouble
-
         try:
             config = load_config(args.config)
         except ServiceError as exc:
@@ -78,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         setup_logging(config, console=not progress)  # the bar replaces per-step console lines
+        if args.sample or args.compare:
+            return _draw(config, args)
         journal = Journal.for_state(config.paths.state)
         if args.register_base:
-            from lora_service.training import base_model
+            from lora_service.models import base_model
 
             try:
                 base = base_model.materialise(config.base_model, config.paths.state)
@@ -118,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _import(journal: Journal, config: Config, path: Path, fmt: str | None) -> int:
     """`lora-service import`'s torch side; expected failures are one `error:` line."""
-    import json
-
-    from lora_service.errors import ServiceError
-    from lora_service.versions.importing import import_adapter
+    from lora_service.models.importing import import_adapter  # torch: only when asked
 
     try:
         summary = import_adapter(journal, config, path, fmt)  # type: ignore[arg-type]
@@ -135,12 +138,29 @@ def _import(journal: Journal, config: Config, path: Path, fmt: str | None) -> in
     return 0
 
 
+def _draw(config: Config, args: argparse.Namespace) -> int:
+    """`lora-service sample` and `compare`'s torch side: a PNG at --output, one JSON line."""
+    from lora_service.models.render import render_columns, render_one  # torch
+
+    try:
+        with Journal.for_state(config.paths.state, mode="read") as journal:
+            if args.sample:
+                image = render_one(journal, config, args.sample, args.prompt, args.seed)
+            else:
+                image = compare_sheet(journal, config, *args.compare,
+                                      render=render_columns(journal, config))
+            assert image is not None  # with a renderer, a sheet is always drawn
+            write_png(args.output, image)
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps({"path": str(args.output), "width": image.width, "height": image.height}))
+    return 0
+
+
 def _failed(journal: Journal, run_id: str, exc: BaseException, disk: str | None) -> int:
     """Report and journal a failed run; the exit status says whether the disk is to blame
     (the daemon journals the failure itself when the disk refuses our RunFailed)."""
-    from lora_service.errors import ServiceError
-    from lora_service.journal.events import RunFailed
-
     expected = isinstance(exc, ServiceError) or disk is not None
     reason = (f"{DISK_PREFIX}{disk}" if disk else str(exc) if expected
               else f"{type(exc).__name__}: {exc}")

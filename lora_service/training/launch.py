@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from lora_service.daemon.child import PARENT_ENV, die_with_parent
+from lora_service.process import PARENT_ENV, die_with_parent
 
 if __name__ == "__main__":
     die_with_parent()

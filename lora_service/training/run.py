@@ -35,24 +35,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import lora_service.torch_compat  # noqa: F401  (must precede peft/diffusers)
+import lora_service.models.torch_compat  # noqa: F401  (must precede peft/diffusers)
 
 # isort: split
 import torch
+from tqdm import tqdm
 
-from lora_service.config import Config
+from lora_service.config import Config, run_config
+from lora_service.daemon.split import validation_set
 from lora_service.errors import ServiceError
 from lora_service.journal import Journal, queries
 from lora_service.journal.events import CheckpointSaved, LossLogged, RunResumed, RunStarted
 from lora_service.journal.projections import canonical
+from lora_service.journal.sqlite import utc_now
 from lora_service.logs import get_logger
+from lora_service.models import base_model
+from lora_service.models.adapters import TEXT_ENCODER_DIR, TrainedAdapter, load_peft_into
+from lora_service.models.render import render_samples
 from lora_service.store import sha256_bytes
-from lora_service.training import base_model, checkpoint, heartbeat
+from lora_service.training import checkpoint, heartbeat
 from lora_service.training.data import EncodedData, Item
 from lora_service.training.faults import Faults
-from lora_service.training.plan import batch_images, lineage_batches
-from lora_service.training.split import validation_set
 from lora_service.training.trainer import Trainer, check_precision
+from lora_service.versions.publish import Measured, publish_version
 
 LOSS_EVERY = 5
 log = get_logger("lora_service.training")
@@ -93,9 +98,9 @@ def find_run(journal: Journal, run_id: str) -> RunStarted:
 
 def _items(journal: Journal, run: RunStarted, split: float) -> tuple[list[Item], list[Item]]:
     """(training items, validation items) for the run, in a fixed order."""
-    parent_known = lineage_batches(journal, queries.lineage(journal, run.parent))
+    parent_known = queries.lineage_batches(journal, queries.lineage(journal, run.parent))
     wanted = list(dict.fromkeys([*run.batches, *run.rehearsal, *parent_known]))
-    rows = batch_images(journal, wanted)
+    rows = queries.batch_images(journal, wanted)
     rehearsal = set(run.rehearsal_images)
     elsewhere = set(run.held_out_elsewhere)  # another batch validates on these bytes
     train: list[Item] = []
@@ -116,10 +121,10 @@ def first_run_steps(journal: Journal, run: RunStarted) -> int:
     """Steps of the first run of `run`'s lineage (`run` itself when it starts one, or when its
     lineage holds no run of ours, e.g. an imported root): `train.warmup_steps` counts there."""
     for version in reversed(queries.lineage(journal, run.parent)):  # oldest first
-        rows = journal.query("SELECT r.total_steps FROM versions v JOIN runs r"
-                             " ON r.run_id = v.run_id WHERE v.version = ?", [version])
-        if rows and rows[0]["total_steps"]:
-            return int(rows[0]["total_steps"])
+        row = queries.version(journal, version)
+        made_by = queries.run(journal, row["run_id"]) if row and row["run_id"] else None
+        if made_by and made_by["total_steps"]:
+            return int(made_by["total_steps"])
     return run.total_steps
 
 
@@ -150,7 +155,7 @@ class RunContext:
         cfg = run.config
         self.lora_cfg, self.train_cfg = cfg["lora"], cfg["train"]
         # the run's own recorded config decides, not whatever the file says today
-        self.run_config = Config.model_validate({**cfg, "paths": config.paths.model_dump()})
+        self.run_config = run_config(cfg, config)
         # digest of the run's recorded config (paths excluded: a moved state folder resumes)
         recorded = {k: v for k, v in run.config.items() if k != "paths"}
         self.config_digest = sha256_bytes(canonical(recorded).encode())
@@ -182,7 +187,8 @@ class RunContext:
         self.val_data = EncodedData(val_items, **common)
         if not len(self.train_data):
             raise ServiceError(f"run {run.run_id}: no training images")
-        self.parent_known = set(lineage_batches(journal, queries.lineage(journal, run.parent)))
+        lineage = queries.lineage(journal, run.parent)
+        self.parent_known = set(queries.lineage_batches(journal, lineage))
         self.trainer = Trainer(
             self.run_config,
             run,
@@ -196,8 +202,6 @@ class RunContext:
             self._load_parent()
 
     def _load_parent(self) -> None:
-        from lora_service.versions.export import TEXT_ENCODER_DIR, load_peft_into
-
         folder = self.state_dir / "versions" / self.run.parent / "adapter"  # type: ignore[operator]
         if not folder.is_dir():
             raise ServiceError(f"run {self.run.run_id}: parent adapter {folder} is missing")
@@ -389,8 +393,6 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
         version = publish(ctx, val) if main else None
         if version is not None and ctx.config.samples.enabled:
             # samples never fail the run: render_samples journals its own errors
-            from lora_service.versions.samples import render_samples
-
             unwrap = tr.accelerator.unwrap_model
             render_samples(
                 journal, ctx.config, version,
@@ -409,37 +411,27 @@ def train_loss(losses: list[float], steps_per_epoch: int) -> float | None:
     return _mean(tail)
 
 
-def publish(ctx: RunContext, val: dict[str, Any]) -> str | None:
-    """Hand the trained adapter to the versions package (VersionCreated, gate, export)."""
-    try:
-        from lora_service.versions.publish import publish_version
-    except ImportError:
-        # TODO(issue 5): lora_service.versions.publish is not there yet: the run ends with its
-        # final checkpoint, which holds the adapter.
-        _log(f"run {ctx.run.run_id}: lora_service.versions.publish missing; no version made")
-        return None
+def publish(ctx: RunContext, val: dict[str, Any]) -> str:
+    """Hand the trained adapter and what the run measured to `versions.publish`."""
     tr = ctx.trainer
-    per_epoch = tr.steps_per_epoch
-    started = ctx.journal.query("SELECT started_at FROM runs WHERE run_id = ?", [ctx.run.run_id])
-    from lora_service.journal.sqlite import utc_now
-
-    return publish_version(
-        ctx.journal,
-        ctx.config,
-        run_id=ctx.run.run_id,
-        unet=tr.accelerator.unwrap_model(tr.unet),
-        text_encoder=tr.accelerator.unwrap_model(tr.text_encoder) if tr.train_text else None,
+    run = queries.run(ctx.journal, ctx.run.run_id) or {}
+    adapter = TrainedAdapter(
+        tr.accelerator.unwrap_model(tr.unet),
+        tr.accelerator.unwrap_model(tr.text_encoder) if tr.train_text else None,
+    )
+    measured = Measured(
         step=tr.global_step,
         steps=ctx.run.total_steps,
         epochs=tr.epochs_trained(ctx.run.total_steps),  # less than planned under max_steps
-        train_loss=train_loss(tr.losses, per_epoch),
+        train_loss=train_loss(tr.losses, tr.steps_per_epoch),
         images=len(ctx.train_data),
         validation_images=len(ctx.val_data),
         manifest=manifest(ctx.journal, ctx.train_data.items),
-        started_at=started[0]["started_at"] if started else utc_now(),
+        started_at=run.get("started_at") or utc_now(),
         finished_at=utc_now(),
         **val,
     )
+    return publish_version(ctx.journal, ctx.config, ctx.run.run_id, adapter, measured)
 
 
 def manifest(journal: Journal, items: list[Item]) -> dict[str, str]:
@@ -448,11 +440,10 @@ def manifest(journal: Journal, items: list[Item]) -> dict[str, str]:
     for item in items:
         out[f"batches/{item.batch_id}/{item.file}"] = item.sha256
         stem = item.file.rsplit(".", 1)[0]
-        for row in journal.query(
-            "SELECT path, sha256 FROM files WHERE path = ? AND released = 0",
-            [f"batches/{item.batch_id}/{stem}.txt"],
-        ):
-            out[row["path"]] = row["sha256"]
+        caption = f"batches/{item.batch_id}/{stem}.txt"
+        sha = queries.live_file(journal, caption)
+        if sha is not None:
+            out[caption] = sha
     return dict(sorted(out.items()))
 
 
@@ -461,8 +452,6 @@ def _log(message: str) -> None:
 
 
 def _progress_bar(run: RunStarted, done: int) -> Any:
-    from tqdm import tqdm
-
     return tqdm(total=run.total_steps, initial=done, desc=f"run {run.run_id}", unit="step",
                 dynamic_ncols=True)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lora_service.torch_compat  # noqa: F401  (must precede peft/diffusers)
+import lora_service.models.torch_compat  # noqa: F401  (must precede peft/diffusers)
 
 # isort: split
 import torch

@@ -11,12 +11,11 @@ version is the curve of its lineage: its ancestors' runs, then its own.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from lora_service.journal import Journal, queries
-from lora_service.versions.publish import version_files, version_row
+from lora_service.versions.heads import version_files, version_row
 from lora_service.versions.verify import verify_version_files
 
 # the events an audit lists for each version in the lineage
@@ -25,10 +24,6 @@ VERSION_EVENTS = (
     "VersionCreated", "HeadMoved", "VersionHeld", "VersionExported", "SamplesRendered",
     "VersionImported",
 )
-
-
-def _loads(value: str | None, default: Any) -> Any:
-    return json.loads(value) if value else default
 
 
 # -- versions --------------------------------------------------------------------------------
@@ -42,15 +37,15 @@ def _version_dict(row: dict[str, Any], head: str | None, in_lineage: set[str]) -
         "parent": row["parent"],
         "created_at": row["created_at"],
         "run_id": row["run_id"],
-        "batches": _loads(row["batches"], []),
-        "new_batches": _loads(row["new_batches"], []),
+        "batches": queries.loads(row["batches"], []),
+        "new_batches": queries.loads(row["new_batches"], []),
         "images": row["images"],
         "step": row["step"],
         "steps": row["steps"],
         "start_step": (row["step"] or 0) - (row["steps"] or 0),
         "train_loss": row["train_loss"],
         "val_loss": row["val_loss"],
-        "val_loss_per_batch": _loads(row["val_loss_per_batch"], {}),
+        "val_loss_per_batch": queries.loads(row["val_loss_per_batch"], {}),
         "val_loss_known": row["val_loss_known"],
         "base_sha256": row["base_sha256"],
         "head": name == head,
@@ -67,8 +62,7 @@ def version_rows(journal: Journal) -> list[dict[str, Any]]:
     builds on); `held` a version the promotion gate (or a manual gate) kept off the head."""
     head = queries.head_version(journal)
     in_lineage = set(queries.lineage(journal, head))
-    rows = journal.query("SELECT * FROM versions ORDER BY created_seq")
-    return [_version_dict(row, head, in_lineage) for row in rows]
+    return [_version_dict(row, head, in_lineage) for row in queries.versions(journal)]
 
 
 def tree_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -89,35 +83,46 @@ def tree_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
 # -- loss ------------------------------------------------------------------------------------
 
 
-def loss_series(journal: Journal, version: str | None = None) -> dict[str, Any]:
-    """Losses of a lineage: `version`'s (the head's when None), oldest version first.
-
-    Returns `{"version", "lineage", "versions", "points"}`: `versions` holds each lineage
-    version's train/validation losses and step range; `points` every logged train loss of
-    their runs (`step` is global), plus, when `version` is None, the points of a run now
-    training on top of the head (`version` null). A step logged twice (a run resumed from a
-    checkpoint re-logs the steps after it) keeps the later point: it is the one that counts."""
+def _lineage_runs(
+    journal: Journal, version: str | None
+) -> tuple[str | None, list[str], list[dict[str, Any]], list[tuple[str, str | None]]]:
+    """(target, its lineage oldest first, their version rows, their runs as (run_id, version)
+    pairs plus, when `version` is None, a run now training on the head as (run_id, None))."""
     if version is not None:
         version_row(journal, version)  # UsageError for an unknown version
     target = version if version is not None else queries.head_version(journal)
     chain = list(reversed(queries.lineage(journal, target)))  # oldest first
     all_rows = {r["version"]: r for r in version_rows(journal)}
     versions = [all_rows[name] for name in chain]
-    runs = {r["run_id"]: r["version"] for r in versions}
+    runs = {r["run_id"]: r["version"] for r in versions if r["run_id"] is not None}
     if version is None:
         running = queries.running_run(journal)
         if running and running["parent"] == target and running["run_id"] not in runs:
             runs[running["run_id"]] = None
-    points: dict[tuple[str, int], dict[str, Any]] = {}
-    if runs:
-        marks = ", ".join("?" for _ in runs)
-        for row in journal.query(
-            "SELECT seq, run_id, step, loss, lr, images_per_s FROM loss_points"
-            f" WHERE run_id IN ({marks}) ORDER BY seq",
-            list(runs),
-        ):
-            points[(row["run_id"], row["step"])] = {**row, "version": runs[row["run_id"]]}
-    ordered = sorted(points.values(), key=lambda p: (p["step"], p["seq"]))
+    return target, chain, versions, list(runs.items())
+
+
+def loss_series(
+    journal: Journal, version: str | None = None, *, points: int | None = queries.LOSS_POINTS
+) -> dict[str, Any]:
+    """Losses of a lineage: `version`'s (the head's when None), oldest version first.
+
+    Returns `{"version", "lineage", "versions", "points", "downsampled"}`: `versions` holds
+    each lineage version's train/validation losses and step range; `points` the logged train
+    losses of their runs by step (`step` is global), plus, when `version` is None, those of a
+    run now training on top of the head (`version` null). A step logged twice (a run resumed
+    from a checkpoint re-logs the steps after it) keeps the later point: it is the one that
+    counts. With `points` N, a curve of more than N points is downsampled on the way out of
+    SQLite to the lowest and highest loss of equal step ranges (`queries.loss_curve`), and
+    `downsampled` says so (`total_points`, `buckets`, `bucket_steps`); with None, `points`
+    is every point, as an iterator (a million are not held at once)."""
+    target, chain, versions, runs = _lineage_runs(journal, version)
+    if points is None:
+        curve: Any = queries.loss_points(journal, runs)
+        downsampled = None
+    else:
+        loss_curve = queries.loss_curve(journal, runs, points)
+        curve, downsampled = loss_curve.points, loss_curve.downsampled()
     return {
         "version": target,
         "lineage": chain,
@@ -127,50 +132,32 @@ def loss_series(journal: Journal, version: str | None = None) -> dict[str, Any]:
                                "head", "held")}
             for v in versions
         ],
-        "points": ordered,
+        "points": curve,
+        "downsampled": downsampled,
     }
+
+
+def loss_tail(journal: Journal, version: str | None, count: int) -> list[dict[str, Any]]:
+    """The last `count` points of `loss_series(journal, version)`, whole."""
+    return queries.loss_tail(journal, _lineage_runs(journal, version)[3], count)
 
 
 # -- audit -----------------------------------------------------------------------------------
 
 
-def _event_rows(journal: Journal, where: str, params: list[Any]) -> list[dict[str, Any]]:
-    rows = journal.query(
-        f"SELECT seq, ts, type, payload, hash FROM events WHERE {where} ORDER BY seq", params
-    )
-    out = []
-    for row in rows:
-        payload = json.loads(row["payload"])
-        out.append({"seq": row["seq"], "ts": row["ts"], "type": row["type"], "hash": row["hash"],
-                    "payload": payload})
-    return out
-
-
 def _events_of(journal: Journal, run_id: str, version: str) -> list[dict[str, Any]]:
     """The events that made `version` (its run's life) and what happened to it since."""
-    run_types = ", ".join(f"'{t}'" for t in RUN_EVENTS)
-    version_types = ", ".join(f"'{t}'" for t in VERSION_EVENTS)
-    return _event_rows(
-        journal,
-        f"(type IN ({run_types}) AND json_extract(payload, '$.run_id') = ?)"
-        f" OR (type IN ({version_types}) AND json_extract(payload, '$.version') = ?)",
-        [run_id, version],
-    )
+    return queries.event_records(journal, run_id=run_id, version=version,
+                                 run_types=RUN_EVENTS, version_types=VERSION_EVENTS)
 
 
 def _batch_record(journal: Journal, batch_id: str, new: bool) -> dict[str, Any]:
-    batch = journal.query("SELECT * FROM batches WHERE batch_id = ?", [batch_id])
-    images = journal.query(
-        "SELECT file, sha256, caption, caption_source, width, height FROM batch_images"
-        " WHERE batch_id = ? ORDER BY file",
-        [batch_id],
-    )
-    accepted = _event_rows(
-        journal, "type = 'BatchAccepted' AND json_extract(payload, '$.batch_id') = ?", [batch_id]
-    )
+    batch = queries.batch(journal, batch_id)
+    images = queries.batch_image_records(journal, batch_id)
+    accepted = queries.event_records(journal, batch_id=batch_id)
     return {
         "batch_id": batch_id,
-        "name": batch[0]["name"] if batch else None,
+        "name": batch["name"] if batch else None,
         "new": new,
         "accepted_seq": accepted[0]["seq"] if accepted else None,
         "accepted_hash": accepted[0]["hash"] if accepted else None,
@@ -186,13 +173,7 @@ def _check(state: Path, files: dict[str, str]) -> tuple[list[str], list[str]]:
 def _batch_files(journal: Journal, batch_id: str, images: list[dict[str, Any]]) -> dict[str, str]:
     """Every journaled file of a batch (images and captions), images by their record's hash."""
     prefix = f"batches/{batch_id}/"
-    files = {
-        r["path"]: r["sha256"]
-        for r in journal.query(
-            "SELECT path, sha256 FROM files WHERE path LIKE ? AND NOT released",
-            [prefix.replace("%", r"\%") + "%"],
-        )
-    }
+    files = queries.live_files_under(journal, prefix)
     for image in images:
         files[prefix + image["file"]] = image["sha256"]
     return files
@@ -217,8 +198,7 @@ def audit_record(journal: Journal, state: Path, version: str) -> dict[str, Any]:
     seen_batches: set[str] = set()
     for name in chain:
         row = rows[name]
-        run = journal.query("SELECT * FROM runs WHERE run_id = ?", [row["run_id"]])
-        run = run[0] if run else {}
+        run = queries.run(journal, row["run_id"]) or {}
         batches = [
             _batch_record(journal, b, b in row["new_batches"]) for b in row["batches"]
         ]
@@ -242,7 +222,7 @@ def audit_record(journal: Journal, state: Path, version: str) -> dict[str, Any]:
             "epochs": run.get("epochs"),
             "threads": run.get("threads"),
             "fresh": bool(run.get("fresh")),
-            "config": _loads(run.get("config"), {}),
+            "config": queries.loads(run.get("config"), {}),
             "files": files,
             # an adapter trained elsewhere: origin name, format, file sha256, geometry
             "imported": queries.imported(journal, name),
@@ -250,12 +230,12 @@ def audit_record(journal: Journal, state: Path, version: str) -> dict[str, Any]:
             "events": _events_of(journal, row["run_id"], name),
         })
     base_sha = rows[version]["base_sha256"]
-    base_rows = journal.query("SELECT * FROM base_models WHERE sha256 = ?", [base_sha])
+    base_row = queries.base_model(journal, base_sha)
     base: dict[str, Any] = {"sha256": base_sha, "spec": None, "path": None, "kind": None,
                             "seq": None, "hash": None, "files": {}}
-    if base_rows:
-        registered = _event_rows(journal, "seq = ?", [base_rows[0]["seq"]])
-        base |= {k: base_rows[0][k] for k in ("spec", "path", "kind", "seq")}
+    if base_row:
+        registered = queries.event_records(journal, seq=base_row["seq"])
+        base |= {k: base_row[k] for k in ("spec", "path", "kind", "seq")}
         if registered:
             base["hash"] = registered[0]["hash"]
             base["files"] = registered[0]["payload"].get("files", {})
@@ -273,72 +253,3 @@ def audit_record(journal: Journal, state: Path, version: str) -> dict[str, Any]:
         "seed": lineage[0]["seed"],
         "verification": {"ok": not problems, "checked": len(checked), "problems": problems},
     }
-
-
-
-# -- the chart -------------------------------------------------------------------------------
-
-
-def plot_loss(series: dict[str, Any], out: Path, *, width: int = 1200, height: int = 600) -> Path:
-    """Write `series` (`loss_series` output) as a PNG of `width`×`height` pixels, atomically.
-
-    Train loss over global steps, one colour per version, a dashed line where each version
-    ends (labelled with its name) and each version's validation loss as a diamond at its last
-    step, so a rise after a new batch (forgetting) is visible at a glance. matplotlib is
-    imported here, with the Agg backend, so the CLI does not pay for it otherwise."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    from lora_service.errors import ServiceError, UsageError
-    from lora_service.store import atomic_write_bytes
-
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise UsageError(f"{out.parent}: no such folder for --plot")
-    if not series["lineage"] and not series["points"]:
-        raise ServiceError("nothing to plot: no version has been trained yet")
-    dpi = 100
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    ax = fig.add_subplot()
-    colours = matplotlib.colormaps["tab10"]
-    names = [v["version"] for v in series["versions"]]
-    if any(p["version"] is None for p in series["points"]):
-        names.append(None)
-    for i, name in enumerate(names):
-        pts = [p for p in series["points"] if p["version"] == name]
-        if pts:
-            ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], marker="o",
-                    markersize=3, linewidth=1.5, color=colours(i % 10),
-                    label=f"train loss {name or '(training now)'}")
-    val = [v for v in series["versions"] if v["val_loss"] is not None]
-    if val:
-        ax.plot([v["step"] for v in val], [v["val_loss"] for v in val], linestyle="--",
-                marker="D", markersize=7, color="black", label="validation loss (per version)")
-    from matplotlib.transforms import blended_transform_factory
-
-    above = blended_transform_factory(ax.transData, ax.transAxes)
-    for i, v in enumerate(series["versions"]):
-        # each version's steps as a shaded band, its name above the plot where it ends
-        if i % 2 == 0:
-            ax.axvspan(v["start_step"], v["step"], color="grey", alpha=0.08, linewidth=0)
-        ax.axvline(v["step"], color="grey", linestyle=":", linewidth=1)
-        ax.text(v["step"], 1.01, v["version"] + (" (head)" if v["head"] else ""),
-                transform=above, ha="center", va="bottom", fontsize=9, color="dimgrey")
-    target = series["version"]
-    ax.set_title(f"Loss over the lineage of {target}" if target else "Loss", fontsize=13,
-                 pad=20)
-    ax.set_xlabel("global step", fontsize=11)
-    ax.set_ylabel("loss (noise-prediction MSE)", fontsize=11)
-    ax.grid(True, alpha=0.3)
-    ax.set_xlim(left=0)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=9, framealpha=0.9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    atomic_write_bytes(out, buffer.getvalue())
-    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_service.training.foreground import train_now
+from lora_service.daemon.foreground import train_now
 from tests.training.conftest import add_batch, write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -179,7 +179,8 @@ def test_an_empty_history(write_config: Callable[..., Path], tmp_path: Path) -> 
     Journal.for_state(tmp_path / "state").close()  # what the daemon's first start leaves
     assert lora_json("versions", config=config) == []
     series = lora_json("loss", config=config)
-    assert series == {"version": None, "lineage": [], "versions": [], "points": []}
+    assert series == {"version": None, "lineage": [], "versions": [], "points": [],
+                      "downsampled": None}
     plot = lora("loss", "--plot", str(tmp_path / "x.png"), config=config)
     assert plot.returncode == 1 and "nothing to plot" in plot.stderr
     assert not (tmp_path / "x.png").exists()

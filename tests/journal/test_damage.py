@@ -19,7 +19,7 @@ import pytest
 
 from lora_service.journal import Journal
 from lora_service.journal import events as ev
-from lora_service.journal.sqlite import event_hash
+from lora_service.journal.sqlite import SCHEMA_VERSION, event_hash
 
 
 def lora(*args: str) -> subprocess.CompletedProcess[str]:
@@ -175,7 +175,7 @@ def test_a_schema_1_journal_gets_the_insert_trigger_from_a_writer_not_a_reader(
 
     Journal.for_state(state).close()
     raw = sqlite3.connect(state / "journal.sqlite")
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         raw.execute("INSERT OR REPLACE INTO events SELECT seq, ts, type, schema, '{}', prev_hash,"
                     " 'h' FROM events WHERE seq = 1")

@@ -17,6 +17,7 @@ import pytest
 
 from lora_service.journal import Journal
 from lora_service.journal import events as ev
+from lora_service.journal.sqlite import SCHEMA_VERSION
 
 
 def lora(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,8 +38,8 @@ CHANGES: dict[str, tuple[str, str]] = {  # raw SQL, the line verify prints
         "CREATE TRIGGER sneak AFTER INSERT ON events BEGIN DELETE FROM position; END",
         "schema: unexpected trigger 'sneak' on 'events'"),
     "schema version": ("PRAGMA user_version = 1",
-                       "schema: version 1, expected 2 (the daemon upgrades an older journal "
-                       "when it starts)"),
+                       f"schema: version 1, expected {SCHEMA_VERSION} (the daemon upgrades an "
+                       "older journal when it starts)"),
 }
 
 

@@ -17,7 +17,7 @@ PARENT = """
 import sys
 from pathlib import Path
 from lora_service.config import load_config
-from lora_service.labelling import ChildLabeller
+from lora_service.inbox.labeller import ChildLabeller
 ChildLabeller(load_config(sys.argv[1]), fault="hang")([Path(sys.argv[2])])
 """
 TIMEOUT = 60

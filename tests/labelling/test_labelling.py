@@ -33,7 +33,7 @@ TINY_CLIP = {  # a ViT-style CLIP small enough to build and run in well under a 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model config .json, weights .safetensors) of a random-weight tiny CLIP."""
-    import lora_service.torch_compat  # noqa: F401
+    import lora_service.models.torch_compat  # noqa: F401
 
     # isort: split
     import open_clip
@@ -86,7 +86,7 @@ def test_label_writes_missing_captions_and_keeps_existing(clip_config: Path,
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
 
     # the same model, loaded in-process through the same class, gives the same captions
-    from lora_service.labelling.clip import ClipLabeller
+    from lora_service.models.clip import ClipLabeller
 
     config = load_config(clip_config)
     labeller = ClipLabeller(config.labelling.model, config.labelling.weights,
@@ -118,12 +118,12 @@ def test_daemon_labeller_runs_in_a_child_and_feeds_the_intake(clip_config: Path,
                                                               ) -> None:
     # the daemon may import lora_service.labelling: it must not load torch
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, lora_service.labelling, lora_service.inbox;"
+        [sys.executable, "-c", "import sys, lora_service.inbox.labeller, lora_service.inbox;"
          " sys.exit('torch' in sys.modules)"], cwd=ROOT)
     assert probe.returncode == 0
 
     from lora_service.inbox import Intake
-    from lora_service.labelling import make_labeller
+    from lora_service.inbox.labeller import make_labeller
 
     config = load_config(clip_config)
     labeller = make_labeller(config)

@@ -49,7 +49,7 @@ def publish(
     val_loss: float,
     start_step: int,
 ) -> str:
-    from lora_service.versions.publish import publish_version
+    from tests.versions.conftest import publish_version
 
     _start_run(journal, config, run_id, parent, start_step, base_sha256=base_sha256)
     kwargs = _publish_kwargs(step=start_step + 4, val_loss=val_loss,
@@ -59,8 +59,8 @@ def publish(
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    from lora_service.training.base_model import build_tiny_sd, materialise
-    from lora_service.versions.samples import render_samples
+    from lora_service.models.base_model import build_tiny_sd, materialise
+    from lora_service.models.render import render_samples
 
     root = tmp_path_factory.mktemp("samples")
     config = write_tiny_config(root, {"promote": "always"}, samples=SAMPLES)

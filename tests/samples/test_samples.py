@@ -16,6 +16,7 @@ from lora_service.cli import cli
 from lora_service.config import Config, load_config
 from lora_service.journal import Journal
 from lora_service.journal.verify import verify
+from lora_service.models import render
 from lora_service.store import sha256_file
 from lora_service.versions import samples as s
 from tests.samples.conftest import SAMPLES, Built
@@ -68,8 +69,9 @@ def test_rendering_again_gives_the_same_bytes(built: Built, copy_of: Config) -> 
     """From the in-memory module (as the child) or the adapter on disk: identical files."""
     [before] = rendered(built.state, "v0001")
     with Journal.for_state(copy_of.paths.state) as journal:
-        assert s.render_samples(journal, copy_of, "v0001") is None  # already there
-        again = s.render_samples(journal, copy_of, "v0001", unet=built.unets["v0001"], force=True)
+        assert render.render_samples(journal, copy_of, "v0001") is None  # already there
+        again = render.render_samples(journal, copy_of, "v0001", unet=built.unets["v0001"],
+                                      force=True)
     assert again is not None and again.error is None
     assert again.files == before["files"]
 
@@ -157,7 +159,7 @@ def test_compare_renders_what_is_not_stored(copy_of: Config, tmp_path: Path) -> 
 def test_compare_needs_a_parent_or_two_names(copy_of: Config, tmp_path: Path) -> None:
     result = run_cli(copy_of, "compare", "v0009", "v0001", "-o", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "v0009: no such version" in result.stderr
-    from lora_service.versions.publish import move_head
+    from lora_service.versions.heads import move_head
 
     with Journal.for_state(copy_of.paths.state) as journal:
         move_head(journal, copy_of, "v0001", reason="test", by="rollback")
@@ -189,7 +191,7 @@ def test_a_failed_render_is_journaled_and_changes_nothing_else(
     with Journal.for_state(state) as journal:
         head_before = journal.query("SELECT * FROM head")
         versions_before = journal.query("SELECT * FROM versions")
-        event = s.render_samples(journal, copy_of, "v0002", force=True,
+        event = render.render_samples(journal, copy_of, "v0002", force=True,
                                  fault=fault)  # must not raise
         assert event is not None and event.error
         assert ("MemoryError" if how == "oom" else "fail verification") in event.error
@@ -209,7 +211,7 @@ def test_samples_go_to_tensorboard(copy_of: Config) -> None:
         update={"logging": copy_of.logging.model_copy(update={"tensorboard": True})}
     )
     with Journal.for_state(config.paths.state) as journal:
-        event = s.render_samples(journal, config, "v0002", force=True)
+        event = render.render_samples(journal, config, "v0002", force=True)
     assert event is not None and event.error is None
     [path] = (config.paths.state / "logs" / "tensorboard").glob("*.samples.v0002")
     logged = EventAccumulator(str(path), size_guidance={"images": 0})

@@ -98,7 +98,7 @@ def make_config(write_config: Callable[..., Path]) -> Callable[..., Config]:
 @pytest.fixture(scope="session")
 def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One materialised builtin shared by the session (copied into each state folder)."""
-    from lora_service.training.base_model import materialise
+    from lora_service.models.base_model import materialise
 
     state = tmp_path_factory.mktemp("base-state")
     materialise("builtin:tiny-sd", state)

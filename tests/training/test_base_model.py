@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from lora_service.journal import Journal
-from lora_service.training.base_model import clip_vocab, materialise, register
+from lora_service.models.base_model import clip_vocab, materialise, register
 
 from .conftest import ROOT
 
 BUILD = (
     "import json, sys; from pathlib import Path;"
-    "from lora_service.training.base_model import materialise;"
+    "from lora_service.models.base_model import materialise;"
     "b = materialise('builtin:tiny-sd', Path(sys.argv[1]));"
     "print(json.dumps({'sha': b.sha256, 'files': b.files}))"
 )
@@ -52,7 +52,7 @@ def test_register_once_per_sha(tmp_path: Path, base_cache: Path):
 def test_tokenizer_uses_the_real_clip_vocabulary():
     vocab, merges = clip_vocab()
     assert len(vocab) == 49408 and vocab["<|endoftext|>"] == 49407
-    from lora_service.training.base_model import clip_tokenizer
+    from lora_service.models.base_model import clip_tokenizer
 
     assert clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368,
                                                                49407]
@@ -86,7 +86,7 @@ def test_a_local_diffusers_folder_is_used_in_place(tmp_path: Path, base_cache: P
     import shutil
 
     from lora_service.errors import UsageError
-    from lora_service.training.base_model import load_pipeline_components
+    from lora_service.models.base_model import load_pipeline_components
 
     folder = tmp_path / "my-model"
     shutil.copytree(base_cache / "tiny-sd", folder)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_service.daemon.foreground import train_now
+from lora_service.daemon.plan import plan_run
 from lora_service.errors import UsageError
 from lora_service.journal import Journal, queries
-from lora_service.training.foreground import train_now
-from lora_service.training.plan import plan_run
 from lora_service.training.run import RunContext, find_run
 
 from .conftest import add_batch, write_tiny_config

@@ -7,6 +7,8 @@ import hashlib
 from pathlib import Path
 
 from lora_service.config import Config
+from lora_service.daemon.plan import plan_run
+from lora_service.daemon.split import rehearsal_key, validation_set
 from lora_service.journal import Journal
 from lora_service.journal.events import (
     BatchAccepted,
@@ -15,9 +17,7 @@ from lora_service.journal.events import (
     RunStarted,
     VersionCreated,
 )
-from lora_service.training.plan import plan_run
 from lora_service.training.run import _items, find_run
-from lora_service.training.split import rehearsal_key, validation_set
 
 from .conftest import write_tiny_config
 

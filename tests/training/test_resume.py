@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_service.daemon.plan import plan_run
 from lora_service.journal import Journal
+from lora_service.models.base_model import materialise, register
 from lora_service.training import checkpoint
-from lora_service.training.base_model import materialise, register
-from lora_service.training.plan import plan_run
 
 from .conftest import add_batch, run_child, write_tiny_config
 

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_service.config import Train
+from lora_service.daemon.foreground import train_now
+from lora_service.daemon.plan import plan_run
 from lora_service.journal import Journal
+from lora_service.models.base_model import materialise, register
 from lora_service.training import checkpoint
-from lora_service.training.base_model import materialise, register
-from lora_service.training.foreground import train_now
-from lora_service.training.plan import plan_run
 from lora_service.training.run import RunContext, find_run
 
 from .conftest import ROOT, add_batch, run_child, write_tiny_config

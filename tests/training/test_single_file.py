@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_service.journal import Journal
-from lora_service.training.base_model import SD15_CONFIG, load_pipeline_components, materialise
+from lora_service.models.base_model import SD15_CONFIG, load_pipeline_components, materialise
 
 from .conftest import ROOT, TINY_TRAIN, add_batch
 from .ldm_checkpoint import to_ldm
@@ -59,7 +59,7 @@ def test_the_ldm_helper_is_the_inverse_of_diffusers_converters(base_cache: Path,
 @pytest.fixture(scope="module")
 def sd15_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A random SD 1.5 in one fp16 file; checked to load back exactly, in fp32."""
-    import lora_service.torch_compat  # noqa: F401  (must precede transformers)
+    import lora_service.models.torch_compat  # noqa: F401  (must precede transformers)
 
     # isort: split
     import torch

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from lora_service.daemon.foreground import train_now
+from lora_service.daemon.plan import plan_run
+from lora_service.daemon.split import _rank, validation_set
 from lora_service.journal import Journal
 from lora_service.journal.events import BatchAccepted, ImageRecord, RunStarted
-from lora_service.training.foreground import train_now
-from lora_service.training.plan import plan_run
 from lora_service.training.run import _items, find_run
-from lora_service.training.split import _rank, validation_set
 
 from .conftest import write_tiny_config
 

@@ -34,7 +34,7 @@ def add_lora(model: Any, *, rank: int, alpha: float, targets: list[str], seed: i
 @pytest.fixture
 def tiny_pipe() -> Callable[[], Any]:
     """A fresh builtin tiny-sd pipeline per call (bit-identical each time)."""
-    from lora_service.training.base_model import build_tiny_sd
+    from lora_service.models.base_model import build_tiny_sd
 
     return build_tiny_sd
 
@@ -122,6 +122,19 @@ def _publish_kwargs(**over: Any) -> dict[str, Any]:
         "finished_at": "2025-01-01T00:00:05.000000Z",
     }
     return kw | over
+
+
+def publish_version(
+    journal: Journal, config: Config, *, run_id: str, unet: Any, text_encoder: Any = None,
+    **measured: Any,
+) -> str:
+    """What the training child does at the end of a run, for tests holding peft modules."""
+    from lora_service.models.adapters import TrainedAdapter
+    from lora_service.versions.publish import Measured
+    from lora_service.versions.publish import publish_version as publish
+
+    return publish(journal, config, run_id, TrainedAdapter(unet, text_encoder),
+                   Measured(**measured))
 
 
 @pytest.fixture

@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 
-import lora_service.torch_compat  # noqa: F401
+import lora_service.models.torch_compat  # noqa: F401
 
 # isort: split
 import safetensors
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
 
-from lora_service.versions import export
+from lora_service.models import adapters
+from lora_service.versions import metadata
 
 RANK, ALPHA = 4, 8.0
 SS_KEYS = (
@@ -90,7 +91,7 @@ def _metadata(manifest: dict[str, str]) -> dict[str, str]:
             "batch_size": 2,
         },
     }
-    return export.ss_metadata(
+    return metadata.ss_metadata(
         output_name="demo",
         version="v0001",
         parent=None,
@@ -134,12 +135,12 @@ def test_kohya_file_loads_back_in_diffusers_with_the_same_output(
     base_unet, _ = _outputs(tiny_pipe())
     assert (want_unet - base_unet).abs().max() > 1e-3  # the adapter changes the output
 
-    unet_state = export.peft_unet_state_dict(trained.unet)
-    te_state = export.peft_state_dict(trained.text_encoder)
-    tensors = export.to_kohya(unet_state, alpha=ALPHA, text_encoder_state=te_state)
+    unet_state = adapters.peft_unet_state_dict(trained.unet)
+    te_state = adapters.peft_state_dict(trained.text_encoder)
+    tensors = adapters.to_kohya(unet_state, alpha=ALPHA, text_encoder_state=te_state)
     manifest = {"batches/b/a.png": "a" * 64, "batches/b/a.txt": "b" * 64}
     path = tmp_path / "demo-v0001.safetensors"
-    sha = export.write_kohya(path, tensors, _metadata(manifest))
+    sha = adapters.write_kohya(path, tensors, _metadata(manifest))
     assert sha == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
 
     keys = sorted(tensors)
@@ -183,7 +184,7 @@ def test_peft_layout_round_trips_bit_exactly(
     tmp_path: Path, lora_unet: Callable[..., Any], tiny_pipe: Callable[[], Any]
 ) -> None:
     unet = lora_unet(rank=RANK, alpha=ALPHA)
-    files = export.write_peft(tmp_path / "adapter", unet)
+    files = adapters.write_peft(tmp_path / "adapter", unet)
     assert set(files) == {"adapter_model.safetensors", "adapter_config.json"}
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == RANK and config["lora_alpha"] == ALPHA
@@ -192,20 +193,20 @@ def test_peft_layout_round_trips_bit_exactly(
     assert all(k.startswith("base_model.model.") for k in stored)
 
     fresh = tiny_pipe().unet  # no adapter yet: injected from adapter_config.json
-    export.load_peft_into(fresh, tmp_path / "adapter")
-    want = export.peft_unet_state_dict(unet)
-    got = export.peft_unet_state_dict(fresh)
+    adapters.load_peft_into(fresh, tmp_path / "adapter")
+    want = adapters.peft_unet_state_dict(unet)
+    got = adapters.peft_unet_state_dict(fresh)
     assert sorted(got) == sorted(want)
     for key in want:
         assert torch.equal(got[key], want[key]), key
 
     # a UNet whose adapter the trainer already built: same geometry loads, other rank refuses
     built = lora_unet(rank=RANK, alpha=ALPHA, seed=9)
-    export.load_peft_into(built, tmp_path / "adapter")
-    assert all(torch.equal(export.peft_unet_state_dict(built)[k], want[k]) for k in want)
+    adapters.load_peft_into(built, tmp_path / "adapter")
+    assert all(torch.equal(adapters.peft_unet_state_dict(built)[k], want[k]) for k in want)
     other = lora_unet(rank=2, alpha=ALPHA)
     with pytest.raises(ValueError, match="r 2"):
-        export.load_peft_into(other, tmp_path / "adapter")
+        adapters.load_peft_into(other, tmp_path / "adapter")
 
 
 def test_peft_layout_is_readable_by_peft_itself(
@@ -214,10 +215,10 @@ def test_peft_layout_is_readable_by_peft_itself(
     from peft import PeftModel
 
     unet = lora_unet(rank=RANK, alpha=ALPHA)
-    export.write_peft(tmp_path / "adapter", unet)
+    adapters.write_peft(tmp_path / "adapter", unet)
     model = PeftModel.from_pretrained(tiny_pipe().unet, str(tmp_path / "adapter"))
-    got = export.peft_state_dict(model)
-    want = export.peft_unet_state_dict(unet)
+    got = adapters.peft_state_dict(model)
+    want = adapters.peft_unet_state_dict(unet)
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
@@ -236,9 +237,9 @@ def test_kohya_metadata_values_are_written_as_kohya_writes_them() -> None:
     # train_network's ss_* keys: str() of kohya's values
     assert meta["ss_output_name"] == "demo"  # the fixed deploy name: WebUI's alias
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW"
-    assert meta["ss_optimizer"] == export.optimizer_name(torch.optim.AdamW)
+    assert meta["ss_optimizer"] == metadata.optimizer_name(torch.optim.AdamW)
     assert 0 <= int(meta["ss_session_id"]) < 2**32
-    assert meta["ss_session_id"] == export.session_id("r1") != export.session_id("r2")
+    assert meta["ss_session_id"] == metadata.session_id("r1") != metadata.session_id("r2")
     assert meta["ss_training_started_at"] == "1735689600.0"  # Unix seconds
     assert meta["ss_resolution"] == "(32, 32)"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
@@ -279,7 +280,8 @@ def test_published_and_exported_files_hold_no_local_path_and_the_base_hashes(
     from lora_service.journal import Journal
     from lora_service.journal.events import BaseModelRegistered
     from lora_service.store import sha256_file
-    from lora_service.versions import export_version, publish_version
+    from lora_service.versions.export import export_version
+    from tests.versions.conftest import publish_version
 
     # a single-file base (bytes enough for the old hash's 64 KiB at 1 MiB) and a weights file
     models = tmp_path / "models"
@@ -326,7 +328,7 @@ def test_published_and_exported_files_hold_no_local_path_and_the_base_hashes(
             assert local.encode() not in data, f"{path.relative_to(tmp_path)} holds {local}"
 
     for kohya in (folder / "demo-v0001.safetensors", config.paths.deploy_dir / "demo.safetensors"):
-        _, meta = export.read_kohya(kohya)
+        _, meta = adapters.read_kohya(kohya)
         assert meta["ss_output_name"] == "demo" and meta["modelspec.title"] == "demo-v0001"
         assert {k: meta[k] for k in ("ss_sd_model_hash", "ss_new_sd_model_hash")} == (
             _sd_model_hashes_as_kohya(checkpoint))
@@ -347,11 +349,11 @@ def test_published_and_exported_files_hold_no_local_path_and_the_base_hashes(
 def test_base_hashes_by_kind(tmp_path: Path) -> None:
     small = tmp_path / "small.safetensors"
     small.write_bytes(b"tiny")  # shorter than 1 MiB: kohya hashes the empty read
-    assert export.sd_model_hashes("single_file", small, "a" * 64) == {
+    assert metadata.sd_model_hashes("single_file", small, "a" * 64) == {
         "ss_new_sd_model_hash": "a" * 64,
         "ss_sd_model_hash": __import__("hashlib").sha256(b"").hexdigest()[:8],
     }
-    assert export.sd_model_hashes("diffusers", tmp_path, "a" * 64) == {}
-    assert export.sd_model_hashes("builtin", tmp_path, "a" * 64) == {}
-    assert export.sd_model_hashes("single_file", tmp_path / "gone", "a" * 64) == {
+    assert metadata.sd_model_hashes("diffusers", tmp_path, "a" * 64) == {}
+    assert metadata.sd_model_hashes("builtin", tmp_path, "a" * 64) == {}
+    assert metadata.sd_model_hashes("single_file", tmp_path / "gone", "a" * 64) == {
         "ss_new_sd_model_hash": "a" * 64}

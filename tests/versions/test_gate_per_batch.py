@@ -14,8 +14,8 @@ from lora_service.cli import cli
 from lora_service.config import Config, load_config
 from lora_service.journal import Journal
 from lora_service.journal.events import BatchAccepted, ImageRecord, RunStarted, VersionHeld
-from lora_service.versions import publish_version
 from lora_service.versions.gate import decide
+from tests.versions.conftest import publish_version
 
 BASE = "f" * 64
 

@@ -18,18 +18,18 @@ from typing import Any
 
 import pytest
 
-import lora_service.torch_compat  # noqa: F401
+import lora_service.models.torch_compat  # noqa: F401
 
 # isort: split
 import torch
 from safetensors.torch import load_file, save_file
 
 from lora_service.config import Config
+from lora_service.daemon.foreground import train_now
+from lora_service.daemon.plan import plan_run
 from lora_service.errors import UsageError
 from lora_service.journal import Journal
 from lora_service.store import sha256_file
-from lora_service.training.foreground import train_now
-from lora_service.training.plan import plan_run
 from lora_service.training.run import RunContext, find_run
 from tests.history.conftest import lora
 from tests.training.conftest import add_batch, write_tiny_config
@@ -65,7 +65,7 @@ def _fresh(root: Path, tiny_base: Path, train: dict, **lora_cfg: object) -> Conf
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builtin tiny base, materialised once and copied into each state."""
-    from lora_service.training.base_model import materialise
+    from lora_service.models.base_model import materialise
 
     state = tmp_path_factory.mktemp("base-state")
     materialise("builtin:tiny-sd", state)
@@ -166,14 +166,14 @@ def test_seed_articles_case_front_imported_then_side_at_reduced_lr(
 
 def _import(config: Config, path: Path) -> dict:
     """What the import child runs, in-process (faster than a child per case)."""
-    from lora_service.versions.importing import import_adapter
+    from lora_service.models.importing import import_adapter
 
     with Journal.for_state(config.paths.state) as journal:
         return import_adapter(journal, config, path)
 
 
 def _refused(config: Config, path: Path, match: str, fmt: str | None = None) -> None:
-    from lora_service.versions.importing import import_adapter
+    from lora_service.models.importing import import_adapter
 
     with Journal.for_state(config.paths.state) as journal:
         with pytest.raises(UsageError, match=match):
@@ -199,7 +199,7 @@ def test_a_mismatch_is_refused_by_name_and_nothing_is_stored(
         _refused(_fresh(tmp_path / f"c{i}", tiny_base, SIDE, **lora_cfg), front.kohya, match)
 
     # a base model whose weights differ: our kohya files name the base they were trained on
-    from lora_service.training.base_model import build_tiny_sd
+    from lora_service.models.base_model import build_tiny_sd
 
     pipe = build_tiny_sd()
     with torch.no_grad():
@@ -291,14 +291,14 @@ def test_text_encoder_lora_in_kohya_and_our_naming(
     """A kohya file with text-encoder LoRA, its keys as kohya, ComfyUI and WebUI files name
     them (`lora_te_text_model_encoder_…`) or as our earlier files did (`lora_te1_encoder_…`),
     imports to the same UNet and text-encoder tensors."""
-    from lora_service.versions import export
+    from lora_service.models import adapters
     from tests.versions.conftest import TE_TARGETS, UNET_TARGETS
 
     pipe = tiny_pipe()
     add_lora_fn(pipe.unet, rank=4, alpha=8.0, targets=UNET_TARGETS, seed=1)
     add_lora_fn(pipe.text_encoder, rank=4, alpha=8.0, targets=TE_TARGETS, seed=2)
-    unet, te = export.peft_state_dict(pipe.unet), export.peft_state_dict(pipe.text_encoder)
-    tensors = export.to_kohya(unet, alpha=8.0, text_encoder_state=te)
+    unet, te = adapters.peft_state_dict(pipe.unet), adapters.peft_state_dict(pipe.text_encoder)
+    tensors = adapters.to_kohya(unet, alpha=8.0, text_encoder_state=te)
     for i, prefix in enumerate(("lora_te_text_model_", "lora_te1_")):
         named = {}
         for key, value in tensors.items():

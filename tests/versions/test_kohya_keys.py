@@ -1,7 +1,7 @@
 """Every key of our kohya file for a real-size SD 1.x, UNet and text encoder, is one that kohya's
 sd-scripts, ComfyUI and AUTOMATIC1111 load: no key is left over by any of them.
 
-The key list is built the way a version's file is (`export.to_kohya` over peft's state dict),
+The key list is built the way a version's file is (`adapters.to_kohya` over peft's state dict),
 for the SD 1.5 geometry shipped in the package (`training/sd15`, the configs a single-file base
 is loaded against), on the meta device: names and shapes, no weights.
 
@@ -41,12 +41,13 @@ from typing import Any
 
 import pytest
 
-import lora_service.torch_compat  # noqa: F401
+import lora_service.models.torch_compat  # noqa: F401
 
 # isort: split
 import torch
 
-from lora_service.versions import export
+from lora_service.models import adapters
+from lora_service.versions import metadata
 
 # -- the SD 1.x module names each tool loads ---------------------------------------------------
 
@@ -109,19 +110,19 @@ def _sd15_kohya_keys(unet_targets: tuple[str, ...], text_targets: tuple[str, ...
     from peft import LoraConfig, get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_service.training.base_model import SD15_CONFIG
+    from lora_service.models.base_model import SD15_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(
             UNet2DConditionModel.load_config(SD15_CONFIG / "unet"))
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG / "text_encoder"))
-    layers = {export.kohya_module("lora_unet_", n): m for n, m in unet.named_modules()}
+    layers = {metadata.kohya_module("lora_unet_", n): m for n, m in unet.named_modules()}
     layers |= {
-        export.kohya_module("lora_te_text_model_", n): m for n, m in text.named_modules()
+        metadata.kohya_module("lora_te_text_model_", n): m for n, m in text.named_modules()
     }
     unet.add_adapter(LoraConfig(r=4, lora_alpha=8.0, target_modules=list(unet_targets)))
     text.add_adapter(LoraConfig(r=4, lora_alpha=8.0, target_modules=list(text_targets)))
-    tensors = export.to_kohya(
+    tensors = adapters.to_kohya(
         get_peft_model_state_dict(unet), alpha=8.0,
         text_encoder_state=get_peft_model_state_dict(text),
     )
@@ -189,7 +190,7 @@ def test_text_encoder_keys_have_the_text_model_segment_either_way() -> None:
         "lora_te_text_model_encoder_layers_3_self_attn_q_proj.lora_up.weight",
         "lora_te_text_model_encoder_layers_3_self_attn_q_proj.alpha",
     }
-    assert set(export.to_kohya({}, alpha=2.0, text_encoder_state=flat)) == want
-    assert set(export.to_kohya({}, alpha=2.0, text_encoder_state=nested)) == want
+    assert set(adapters.to_kohya({}, alpha=2.0, text_encoder_state=flat)) == want
+    assert set(adapters.to_kohya({}, alpha=2.0, text_encoder_state=nested)) == want
     with pytest.raises(ValueError, match="lora_magnitude_vector"):
-        export.to_kohya({"down_blocks.0.x.lora_magnitude_vector": a}, alpha=2.0)
+        adapters.to_kohya({"down_blocks.0.x.lora_magnitude_vector": a}, alpha=2.0)

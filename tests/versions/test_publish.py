@@ -14,8 +14,10 @@ from lora_service.config import Config, load_config
 from lora_service.errors import ServiceError, UsageError
 from lora_service.journal import Journal
 from lora_service.store import sha256_file
-from lora_service.versions import export_version, move_head, publish_version
+from lora_service.versions.export import export_version
+from lora_service.versions.heads import move_head
 from lora_service.versions.verify import verify_version_files
+from tests.versions.conftest import publish_version
 
 
 @pytest.fixture
@@ -84,7 +86,7 @@ def test_publish_promotes_deploys_then_holds_a_worse_version(
     assert sha256_file(deployed) == created.files["versions/v0001/demo-v0001.safetensors"]
     assert exported.sha256 == sha256_file(deployed)
 
-    from lora_service.versions.export import read_kohya
+    from lora_service.models.adapters import read_kohya
 
     _, meta = read_kohya(folder / "demo-v0001.safetensors")
     assert meta["lora_service_journal_seq"] == str(before)
@@ -156,7 +158,7 @@ def test_manual_mode_holds_the_first_version_and_text_encoder_is_kept(
     start_run: Callable[..., None],
     publish_kwargs: Callable[..., dict[str, Any]],
 ) -> None:
-    from lora_service.versions.export import read_kohya
+    from lora_service.models.adapters import read_kohya
 
     config = load_config(write_config({"train": {"promote": "manual"}}))
     journal = Journal.for_state(config.paths.state)
@@ -214,7 +216,7 @@ def test_export_writes_atomically_and_refuses_to_overwrite(
 ) -> None:
     import torch
 
-    from lora_service.versions.export import load_peft_into, peft_unet_state_dict
+    from lora_service.models.adapters import load_peft_into, peft_unet_state_dict
 
     journal = Journal.for_state(config.paths.state)
     start_run(journal, config, "r1", None)

@@ -81,7 +81,7 @@ def test_a_plain_diffusers_script_loads_a_version_like_the_peft_model(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lora_service.versions import publish_version
+    from tests.versions.conftest import publish_version
 
     trained = tiny_pipe()
     add_lora_fn(trained.unet, rank=RANK, alpha=ALPHA, targets=UNET_TARGETS, seed=1)

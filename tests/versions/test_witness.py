@@ -22,7 +22,8 @@ from lora_service.journal import events as ev
 from lora_service.journal.events import decode
 from lora_service.journal.sqlite import GENESIS, event_hash
 from lora_service.store import sha256_file
-from lora_service.versions import export_version, publish_version
+from lora_service.versions.export import export_version
+from tests.versions.conftest import publish_version
 
 Row = tuple[int, str, str, int, dict[str, Any]]  # seq, ts, type, schema, payload
 

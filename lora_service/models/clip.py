@@ -1,7 +1,7 @@
 """Zero-shot tags with open_clip: the captions for images that came without one. Imports torch.
 
 Only `lora-service label` and the labelling child process (`python -m lora_service.labelling`)
-import this module; the daemon calls that child through `lora_service.labelling.make_labeller`
+import this module; the daemon calls that child through `lora_service.inbox.labeller.make_labeller`
 and never loads torch itself.
 
 The model is `open_clip.create_model_and_transforms(model, pretrained=<local file>)`: given a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lora_service.torch_compat  # noqa: F401  (must precede open_clip)
+import lora_service.models.torch_compat  # noqa: F401  (must precede open_clip)
 
 # isort: split
 import open_clip

@@ -1,8 +1,8 @@
 """`lora-service train-now` without a daemon: plan, journal, run the child in the foreground.
 
-The base model is materialised and registered here (building the builtin imports torch, once
-per state folder), so the plan can check the head's base sha256; training itself runs in a
-fresh child process, exactly as under the daemon.
+The base model is materialised and registered by the torch child (`--register-base`), so the
+plan can check the head's base sha256; training itself runs in a fresh child process, exactly
+as under the daemon. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import subprocess
 import sys
 
 from lora_service.config import Config
-from lora_service.daemon.child import ask_to_stop, child_argv, child_env
+from lora_service.daemon.child import ask_to_stop, child_argv, run_once
+from lora_service.daemon.plan import plan_run
 from lora_service.journal import Journal
 from lora_service.journal.events import TrainingRequested
+from lora_service.process import child_env
 from lora_service.store import StateLock
-from lora_service.training import base_model
-from lora_service.training.plan import plan_run
 
 
 def train_now(config: Config, fresh: bool = False) -> int:
@@ -29,13 +29,12 @@ def train_now(config: Config, fresh: bool = False) -> int:
     """
     state = config.paths.state
     with StateLock(state):
+        base_sha256 = run_once(config, f"base_model {config.base_model!r}", "--register-base")
         journal = Journal.for_state(state)
-        base = base_model.materialise(config.base_model, state)
-        base_model.register(journal, base)
         request = TrainingRequested(fresh=fresh, reason="manual", pid=os.getpid())
         # plan against the journal as it is, then append request + run in one transaction
         run = plan_run(journal, config, fresh=fresh, request_seq=journal.last_seq() + 1,
-                       base_sha256=base.sha256)
+                       base_sha256=base_sha256)
         if run is None:
             journal.append(request)
             print("nothing new to train: no pending batch with a training image",

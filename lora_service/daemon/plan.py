@@ -23,37 +23,22 @@ and then starts the training child on the run id.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Set
 from typing import Any
 
-from lora_service.config import Config
-from lora_service.errors import UsageError
-from lora_service.journal import Journal, queries
-from lora_service.journal.events import RunStarted
-from lora_service.training.split import (
+from lora_service.config import Config, Train
+from lora_service.daemon.split import (
     rehearsal_count,
     rehearsal_key,
     rehearsal_seed,
     validation_set,
 )
+from lora_service.errors import UsageError
+from lora_service.journal import Journal, queries
+from lora_service.journal.events import RunStarted
 
 GEOMETRY = ("rank", "alpha", "target_modules", "train_text_encoder")
-
-
-def batch_images(journal: Journal, batch_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """batch_id -> its image rows (file, sha256, caption, ...), in file order."""
-    out: dict[str, list[dict[str, Any]]] = {b: [] for b in batch_ids}
-    if not batch_ids:
-        return out
-    marks = ", ".join("?" for _ in batch_ids)
-    for row in journal.query(
-        f"SELECT * FROM batch_images WHERE batch_id IN ({marks}) ORDER BY batch_id, file",
-        batch_ids,
-    ):
-        out[row["batch_id"]].append(row)
-    return out
 
 
 def training_images(
@@ -67,9 +52,7 @@ def training_images(
 def held_out(journal: Journal, split: float) -> set[str]:
     """The sha256 of every image some accepted batch holds out for validation: an image is its
     bytes, so one held out in any batch is trained from none."""
-    shas: dict[str, list[str]] = {}
-    for row in journal.query("SELECT batch_id, sha256 FROM batch_images"):
-        shas.setdefault(row["batch_id"], []).append(row["sha256"])
+    shas = queries.image_shas_by_batch(journal)
     return {sha for batch in shas.values() for sha in validation_set(batch, split)}
 
 
@@ -78,26 +61,6 @@ def steps_for(images: int, config: Config, epochs: int) -> int:
     per_epoch = max(1, math.ceil(math.ceil(images / t.batch_size) / t.gradient_accumulation_steps))
     total = per_epoch * epochs
     return min(total, t.max_steps) if t.max_steps else total
-
-
-def lineage_batches(journal: Journal, versions: list[str]) -> list[str]:
-    if not versions:
-        return []
-    marks = ", ".join("?" for _ in versions)
-    rows = journal.query(
-        f"SELECT DISTINCT vb.batch_id FROM version_batches vb JOIN batches b"
-        f" ON b.batch_id = vb.batch_id WHERE vb.version IN ({marks}) ORDER BY b.accepted_seq",
-        versions,
-    )
-    return [r["batch_id"] for r in rows]
-
-
-def run_config(journal: Journal, version: str) -> dict[str, Any]:
-    rows = journal.query(
-        "SELECT r.config FROM versions v JOIN runs r ON r.run_id = v.run_id WHERE v.version = ?",
-        [version],
-    )
-    return json.loads(rows[0]["config"]) if rows and rows[0]["config"] else {}
 
 
 def check_geometry(journal: Journal, config: Config, head: str, base_sha256: str) -> None:
@@ -111,7 +74,7 @@ def check_geometry(journal: Journal, config: Config, head: str, base_sha256: str
         )
     # a version trained here has its run's config; an imported root, the geometry its import
     # checked and journaled
-    old = run_config(journal, head).get("lora") or (
+    old = queries.version_run_config(journal, head).get("lora") or (
         queries.imported(journal, head) or {}).get("geometry", {})
     new = config.effective()["lora"]
     for key in GEOMETRY:
@@ -135,8 +98,18 @@ def _show(value: Any) -> str:
 
 
 def next_run_id(journal: Journal) -> str:
-    rows = journal.query("SELECT count(*) AS n FROM runs")
-    return f"r{rows[0]['n'] + 1:04d}"
+    return f"r{queries.run_count(journal) + 1:04d}"
+
+
+def learning_schedule(t: Train, parent_step: int | None) -> tuple[float, int, int]:
+    """(learning rate, epochs, start step) of a run. A first run (no parent): `learning_rate`,
+    `epochs`, from step 0. An incremental run from a parent at global step `parent_step`:
+    `learning_rate × incremental_lr_factor` (the seeds' 40 % rule), at most
+    `incremental_epochs`, continuing the parent's global step."""
+    if parent_step is None:
+        return t.learning_rate, t.epochs, 0
+    return (t.learning_rate * t.incremental_lr_factor, min(t.epochs, t.incremental_epochs),
+            parent_step)
 
 
 def plan_run(
@@ -157,7 +130,7 @@ def plan_run(
         base_sha256 = _registered_base(journal, config)
     head = queries.head_version(journal)
     lineage = queries.lineage(journal, head)
-    known = lineage_batches(journal, lineage)
+    known = queries.lineage_batches(journal, lineage)
     pending = queries.pending_batches(journal)
     parent = None if fresh else head
     if parent is not None:
@@ -167,7 +140,7 @@ def plan_run(
         new = list(dict.fromkeys([*(known if fresh else []), *pending]))
     split = t.validation_split
     held = held_out(journal, split)
-    rows = batch_images(journal, new)
+    rows = queries.batch_images(journal, new)
     train_rows = {b: training_images(rows[b], split, held) for b in new}
     if not any(train_rows.values()):
         return None  # a batch whose every image is held out somewhere stays pending with it
@@ -179,7 +152,7 @@ def plan_run(
     seed = rehearsal_seed(t.seed, run_id)
     rehearsal_images: list[str] = []
     if parent is not None and t.rehearsal_ratio > 0:
-        old = batch_images(journal, known)
+        old = queries.batch_images(journal, known)
         fresh_shas = {r["sha256"] for b in new for r in train_rows[b]}
         pool: dict[str, str] = {}  # sha256 -> "<batch_id>/<file>", an image counted once
         for b in known:
@@ -192,12 +165,8 @@ def plan_run(
     rehearsal = sorted({name.split("/", 1)[0] for name in rehearsal_images})
     images += len(rehearsal_images)
 
-    if parent is None:
-        lr, epochs, start_step = t.learning_rate, t.epochs, 0
-    else:
-        lr = t.learning_rate * t.incremental_lr_factor
-        epochs = min(t.epochs, t.incremental_epochs)
-        start_step = int(queries.version(journal, parent)["step"])  # type: ignore[index]
+    parent_step = None if parent is None else int(queries.version(journal, parent)["step"])  # type: ignore[index]
+    lr, epochs, start_step = learning_schedule(t, parent_step)
     return RunStarted(
         run_id=run_id,
         parent=parent,
@@ -221,13 +190,10 @@ def plan_run(
 
 
 def _registered_base(journal: Journal, config: Config) -> str:
-    rows = journal.query(
-        "SELECT sha256 FROM base_models WHERE spec = ? ORDER BY seq DESC LIMIT 1",
-        [config.base_model],
-    )
-    if not rows:
+    sha256 = queries.base_registered(journal, config.base_model)
+    if sha256 is None:
         raise UsageError(
             f"base_model: {config.base_model!r} is not registered yet; the daemon or train-now "
             "registers it before planning"
         )
-    return rows[0]["sha256"]
+    return sha256

@@ -2,7 +2,7 @@
 
 Public API (others call these):
 - `materialise(spec, state_dir) -> BaseModel`: `builtin:tiny-sd` is built offline from
-  `lora_service.training.tiny_sd` (configs) and `torch.manual_seed(tiny_sd.SEED)`, written once
+  `lora_service.models.tiny_sd` (configs) and `torch.manual_seed(tiny_sd.SEED)`, written once
   to `state/base/tiny-sd/` as a normal diffusers folder (`StableDiffusionPipeline.save_pretrained`
   into a temporary sibling, fsynced, renamed); a local diffusers folder or a single-file
   `.safetensors` checkpoint is used in place. Nothing ever reaches a model hub.
@@ -25,13 +25,25 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import lora_service.models.torch_compat  # noqa: F401  (must precede transformers, diffusers)
+
+# isort: split
+import open_clip
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    load_single_file_checkpoint,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lora_service.errors import UsageError
+from lora_service.journal import Journal, queries
+from lora_service.journal.events import BaseModelRegistered
+from lora_service.models import tiny_sd
 from lora_service.store import fsync_dir, fsync_tree, sha256_file
-
-if TYPE_CHECKING:
-    from lora_service.journal import Journal
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("tiny-sd",)
@@ -78,9 +90,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The CLIP BPE vocabulary and merges, exactly as open_clip's SimpleTokenizer builds them."""
-    import open_clip  # noqa: F401  (only to locate its package data)
-
-    source = importlib.resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
+    source = importlib.resources.files(open_clip) / "bpe_simple_vocab_16e6.txt.gz"
     text = gzip.decompress(source.read_bytes()).decode("utf-8")
     merges = [tuple(line.split()) for line in text.split("\n")[1 : 49152 - 256 - 2 + 1]]
     alphabet = list(_bytes_to_unicode().values())
@@ -90,11 +100,6 @@ def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def clip_tokenizer() -> Any:
-    import lora_service.torch_compat  # noqa: F401  (must precede transformers)
-
-    # isort: split
-    from transformers import CLIPTokenizer
-
     vocab, merges = clip_vocab()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
@@ -104,20 +109,6 @@ def clip_tokenizer() -> Any:
 
 def build_tiny_sd() -> Any:
     """The builtin pipeline, built from the shipped configs and a fixed seed (bit-identical)."""
-    import lora_service.torch_compat  # noqa: F401  (must precede transformers)
-
-    # isort: split
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lora_service.training import tiny_sd
-
     torch.manual_seed(tiny_sd.SEED)
     unet = UNet2DConditionModel(**tiny_sd.UNET)
     vae = AutoencoderKL(**tiny_sd.VAE)
@@ -202,9 +193,7 @@ def materialise(spec: str, state_dir: Path) -> BaseModel:
 
 def register(journal: Journal, base: BaseModel) -> int | None:
     """Append `BaseModelRegistered` unless this sha256 is already registered; return its seq."""
-    from lora_service.journal.events import BaseModelRegistered
-
-    if journal.query("SELECT 1 FROM base_models WHERE sha256 = ?", [base.sha256]):
+    if queries.base_model(journal, base.sha256):
         return None
     state_dir = journal.path.parent
     event = BaseModelRegistered(
@@ -222,12 +211,6 @@ def register(journal: Journal, base: BaseModel) -> int | None:
 
 def load_pipeline_components(base: BaseModel) -> tuple[Any, Any, Any, Any, Any]:
     """(unet, vae, text_encoder, tokenizer, noise_scheduler) in fp32, eval mode, on CPU."""
-    import lora_service.torch_compat  # noqa: F401  (must precede transformers)
-
-    # isort: split
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     if base.kind == "single_file":
         return _load_single_file(base.path)
     root = str(base.path)
@@ -242,14 +225,7 @@ def load_pipeline_components(base: BaseModel) -> tuple[Any, Any, Any, Any, Any]:
 
 def _load_single_file(path: Path) -> tuple[Any, Any, Any, Any, Any]:
     """A single-file SD 1.x checkpoint, each component against the shipped SD 1.5 configs
-    (`training/sd15/`), the tokenizer from open_clip's vocabulary (SD 1.x uses CLIP's)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        load_single_file_checkpoint,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    (`models/sd15/`), the tokenizer from open_clip's vocabulary (SD 1.x uses CLIP's)."""
     cfg = str(SD15_CONFIG)
     kw: dict[str, Any] = {"local_files_only": True, "config": cfg}
     unet = UNet2DConditionModel.from_single_file(str(path), subfolder="unet", **kw)

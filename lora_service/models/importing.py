@@ -41,24 +41,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lora_service.torch_compat  # noqa: F401  (must precede peft/diffusers)
+import lora_service.models.torch_compat  # noqa: F401  (must precede peft/diffusers)
 
 # isort: split
 import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
 from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load as tensors_from_safetensors  # never unpickles
 
 from lora_service.config import Config
 from lora_service.errors import ServiceError, UsageError
-from lora_service.journal import Journal, queries
+from lora_service.journal import Journal
 from lora_service.journal.events import HeadMoved, ImportedGeometry, VersionImported
 from lora_service.journal.sqlite import utc_now
 from lora_service.logs import get_logger
+from lora_service.models import adapters, base_model
+from lora_service.models.render import render_samples
 from lora_service.store import sha256_bytes
-from lora_service.versions import export, witness
+from lora_service.versions import witness
+from lora_service.versions.heads import deploy
 from lora_service.versions.publish import (
     ADAPTER_DIR,
-    deploy,
+    decide_on_head,
     kohya_name,
     new_version_folder,
     seal_version_folder,
@@ -122,17 +131,17 @@ def _peft_folder(
     folder: Path, name: str
 ) -> tuple[Tensors, dict[str, str], dict[str, str], dict[str, Any]]:
     """(tensors, metadata, {file name: sha256}, adapter config) of a peft folder."""
-    weights = _read(folder / export.ADAPTER_WEIGHTS)
-    tensors, meta = _safetensors(weights, f"{name}/{export.ADAPTER_WEIGHTS}")
-    text = _read(folder / export.ADAPTER_CONFIG)
+    weights = _read(folder / adapters.ADAPTER_WEIGHTS)
+    tensors, meta = _safetensors(weights, f"{name}/{adapters.ADAPTER_WEIGHTS}")
+    text = _read(folder / adapters.ADAPTER_CONFIG)
     try:
         config = json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"{name}/{export.ADAPTER_CONFIG}: not JSON ({exc})") from None
+        raise UsageError(f"{name}/{adapters.ADAPTER_CONFIG}: not JSON ({exc})") from None
     if not isinstance(config, dict):
-        raise UsageError(f"{name}/{export.ADAPTER_CONFIG}: not a JSON object")
-    files = {export.ADAPTER_WEIGHTS: sha256_bytes(weights),
-             export.ADAPTER_CONFIG: sha256_bytes(text)}
+        raise UsageError(f"{name}/{adapters.ADAPTER_CONFIG}: not a JSON object")
+    files = {adapters.ADAPTER_WEIGHTS: sha256_bytes(weights),
+             adapters.ADAPTER_CONFIG: sha256_bytes(text)}
     return tensors, meta, files, config
 
 
@@ -141,7 +150,7 @@ def _kind(keys: list[str]) -> str | None:
         return "kohya"
     if keys and all(k.startswith(("unet.", "text_encoder.")) for k in keys):
         return "diffusers"
-    if keys and all(k.startswith(export.PEFT_PREFIX) for k in keys):
+    if keys and all(k.startswith(adapters.PEFT_PREFIX) for k in keys):
         return "peft"
     return None
 
@@ -151,27 +160,27 @@ def read_origin(path: Path, fmt: Format | None = None) -> Origin:
     `fmt`, when given, must be what the keys say. UsageError says what is wrong with it."""
     path = Path(path)
     name = path.name
-    if path.is_file() and path.name == export.ADAPTER_WEIGHTS and (
-        path.parent / export.ADAPTER_CONFIG
+    if path.is_file() and path.name == adapters.ADAPTER_WEIGHTS and (
+        path.parent / adapters.ADAPTER_CONFIG
     ).is_file():
         path, name = path.parent, path.parent.name  # the peft weights file: read its folder
     if path.is_dir():
-        if not ((path / export.ADAPTER_CONFIG).is_file()
-                and (path / export.ADAPTER_WEIGHTS).is_file()):
+        if not ((path / adapters.ADAPTER_CONFIG).is_file()
+                and (path / adapters.ADAPTER_WEIGHTS).is_file()):
             raise UsageError(
-                f"{name}: a folder must be a peft adapter ({export.ADAPTER_CONFIG} and "
-                f"{export.ADAPTER_WEIGHTS}); a kohya or diffusers LoRA is one .safetensors file"
+                f"{name}: a folder must be a peft adapter ({adapters.ADAPTER_CONFIG} and "
+                f"{adapters.ADAPTER_WEIGHTS}); a kohya or diffusers LoRA is one .safetensors file"
             )
         detected: Format = "peft"
         tensors, meta, files, config = _peft_folder(path, name)
-        origin = Origin(name, "peft", tensors, meta, files[export.ADAPTER_WEIGHTS], files,
+        origin = Origin(name, "peft", tensors, meta, files[adapters.ADAPTER_WEIGHTS], files,
                         config=config)
-        te = path / export.TEXT_ENCODER_DIR
-        if (te / export.ADAPTER_WEIGHTS).is_file():  # our own peft layout's text encoder
-            te_name = f"{name}/{export.TEXT_ENCODER_DIR}"
+        te = path / adapters.TEXT_ENCODER_DIR
+        if (te / adapters.ADAPTER_WEIGHTS).is_file():  # our own peft layout's text encoder
+            te_name = f"{name}/{adapters.TEXT_ENCODER_DIR}"
             origin.text_encoder, _, te_files, origin.text_encoder_config = _peft_folder(
                 te, te_name)
-            origin.files |= {f"{export.TEXT_ENCODER_DIR}/{k}": v for k, v in te_files.items()}
+            origin.files |= {f"{adapters.TEXT_ENCODER_DIR}/{k}": v for k, v in te_files.items()}
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise UsageError(
@@ -186,7 +195,7 @@ def read_origin(path: Path, fmt: Format | None = None) -> Origin:
             raise UsageError(
                 f"{name}: not a LoRA this service reads: kohya keys start lora_unet_/lora_te, "
                 f"diffusers keys unet./text_encoder. (first key: {first})"
-                + (f"; a peft adapter is read from its folder, with {export.ADAPTER_CONFIG}"
+                + (f"; a peft adapter is read from its folder, with {adapters.ADAPTER_CONFIG}"
                    if kind == "peft" else "")
             )
         detected = "kohya" if kind == "kohya" else "peft"
@@ -205,8 +214,6 @@ def read_origin(path: Path, fmt: Format | None = None) -> Origin:
 def _te_to_peft(state: Tensors, text_encoder: torch.nn.Module) -> Tensors:
     """Text-encoder LoRA in diffusers' naming -> peft keys of *our* CLIPTextModel, the way
     `diffusers.loaders.lora_base._load_lora_into_text_encoder` converts it."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-
     if not state:
         return {}
     state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
@@ -230,8 +237,6 @@ def _split(state: Tensors, name: str) -> tuple[Tensors, Tensors]:
 
 
 def _kohya_to_diffusers(origin: Origin) -> tuple[Tensors, set[float]]:
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
     weights = origin.weights
     odd = sorted(k for k in weights if not k.endswith(KOHYA_SUFFIXES))
     if odd:
@@ -287,12 +292,10 @@ def _refuse_variants(name: str, config: dict[str, Any]) -> None:
 
 def to_peft(origin: Origin, text_encoder: torch.nn.Module) -> Converted:
     """The origin's LoRA as peft tensors for our UNet and text encoder (see module docstring)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
     if origin.config is not None:  # a peft folder: keys are module paths already
         _refuse_variants(origin.name, origin.config)
-        unet = {k.removeprefix(export.PEFT_PREFIX): v for k, v in origin.weights.items()}
-        te = {k.removeprefix(export.PEFT_PREFIX): v for k, v in origin.text_encoder.items()}
+        unet = {k.removeprefix(adapters.PEFT_PREFIX): v for k, v in origin.weights.items()}
+        te = {k.removeprefix(adapters.PEFT_PREFIX): v for k, v in origin.text_encoder.items()}
         alphas = {float(origin.config.get("lora_alpha", 8))}
         if origin.text_encoder_config is not None:
             _refuse_variants(origin.name, origin.text_encoder_config)
@@ -353,7 +356,7 @@ def _compare(
 ) -> None:
     """The file's modules against the ones `model`'s adapter (from the config) has; `selects`
     says which modules the adapter has, `fix` what the user can do about a difference."""
-    want = _modules(export.peft_state_dict(model), "model")
+    want = _modules(adapters.peft_state_dict(model), "model")
     extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
     layers = dict(model.named_modules())
     foreign = [m for m in extra if m not in layers]
@@ -439,10 +442,10 @@ def load_into(model: torch.nn.Module, state: Tensors) -> None:
     """Set the adapter's tensors (fp32, as a run trains them); every LoRA parameter must be
     set and every tensor used."""
     state = {k: v.to(torch.float32).contiguous() for k, v in state.items()}
-    result = set_peft_model_state_dict(model, state, adapter_name=export.ADAPTER_NAME)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapters.ADAPTER_NAME)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or []
-               if "lora_" in k and f".{export.ADAPTER_NAME}." in k]
+               if "lora_" in k and f".{adapters.ADAPTER_NAME}." in k]
     if unexpected or missing:  # the geometry check makes this unreachable; never store half
         raise UsageError(f"the adapter does not fit the model: unexpected {unexpected[:3]}, "
                          f"missing {missing[:3]}")
@@ -489,15 +492,11 @@ def store_version(
     kohya = kohya_name(config, version)
     te = text_encoder if geometry.train_text_encoder else None
     try:
-        adapter = export.write_peft(tmp / ADAPTER_DIR, unet, te,
-                                    witness.metadata(version, seq, digest))
-        files = {f"{ADAPTER_DIR}/{k}": v for k, v in adapter.items()}
-        tensors = export.to_kohya(
-            export.peft_unet_state_dict(unet), alpha=geometry.alpha,
-            text_encoder_state=export.peft_state_dict(te) if te is not None else None,
-        )
+        adapter = adapters.TrainedAdapter(unet, te)
+        written = adapter.write_peft(tmp / ADAPTER_DIR, witness.metadata(version, seq, digest))
+        files = {f"{ADAPTER_DIR}/{k}": v for k, v in written.items()}
         meta = kohya_metadata(origin, version, config.name, geometry, base_sha256, seq, digest)
-        files[kohya] = export.write_kohya(tmp / kohya, tensors, meta)
+        files[kohya] = adapter.write_kohya(tmp / kohya, geometry.alpha, meta)
         card = {
             "version": version,
             "parent": None,
@@ -521,19 +520,17 @@ def store_version(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    previous = queries.head_version(journal)
-    journal.append(
-        VersionImported(
-            files={f"{rel}/{k}": v for k, v in sorted(files.items())},
-            version=version, origin=origin.name, format=origin.format, sha256=origin.sha256,
-            origin_files=origin.files, geometry=geometry, modules=modules,
-            base_sha256=base_sha256,
-        ),
-        HeadMoved(version=version, previous=previous, by="promote",
-                  reason=f"imported {origin.name} ({origin.format}, sha256 "
-                         f"{origin.sha256[:12]}): a new lineage root"),
+    imported = VersionImported(
+        files={f"{rel}/{k}": v for k, v in sorted(files.items())},
+        version=version, origin=origin.name, format=origin.format, sha256=origin.sha256,
+        origin_files=origin.files, geometry=geometry, modules=modules,
+        base_sha256=base_sha256,
     )
-    return version, previous
+    _, moved = decide_on_head(journal, version, lambda previous: (imported, HeadMoved(
+        version=version, previous=previous, by="promote",
+        reason=f"imported {origin.name} ({origin.format}, sha256 {origin.sha256[:12]}): "
+               "a new lineage root")))
+    return version, moved.previous
 
 
 def import_adapter(journal: Journal, config: Config, path: Path,
@@ -541,8 +538,6 @@ def import_adapter(journal: Journal, config: Config, path: Path,
     """Read, convert, check and store `path` (see the module docstring); return a summary
     (version, previous head, origin, format, sha256, rank, alpha, modules). The caller holds
     the state lock."""
-    from lora_service.training import base_model
-
     origin = read_origin(path, fmt)  # before the slow loads: a wrong file fails fast
     state = config.paths.state
     base = base_model.materialise(config.base_model, state)
@@ -561,8 +556,6 @@ def import_adapter(journal: Journal, config: Config, path: Path,
     except ServiceError as exc:  # the version and the head stand; the next head move deploys
         get_logger("lora_service.versions").warning("deploy failed", error=str(exc))
     if config.samples.enabled:  # never fails the import: render_samples journals its errors
-        from lora_service.versions.samples import render_samples
-
         render_samples(journal, config, version, unet=unet, text_encoder=text_encoder, vae=vae,
                        tokenizer=tokenizer, scheduler=scheduler)
     return {
