@@ -8,8 +8,6 @@ from pathlib import Path
 import click
 
 from lora_service.cli.common import config_option, echo, load, open_journal
-from lora_service.daemon.foreground import train_now as foreground
-from lora_service.daemon.supervisor import Supervisor
 from lora_service.journal import events as ev
 from lora_service.store import StateLock
 
@@ -18,6 +16,8 @@ from lora_service.store import StateLock
 @config_option
 def run(config_path: Path) -> None:
     """The daemon, in the foreground (systemd runs this)."""
+    from lora_service.daemon.supervisor import Supervisor  # apscheduler, watchdog: 0.15 s
+
     code = Supervisor(load(config_path)).run()
     click.get_current_context().exit(code)
 
@@ -35,6 +35,8 @@ def train_now(config_path: Path, fresh: bool) -> None:
             )
         echo(f"asked the running daemon for a run (TrainingRequested, seq {seq})")
         return
+    from lora_service.daemon.foreground import train_now as foreground  # only without a daemon
+
     click.get_current_context().exit(foreground(config, fresh=fresh))
 
 
