@@ -17,7 +17,7 @@ from pathlib import Path
 PATTERNS = (
     ".daemon.json.*.tmp",  # the status file (store.atomic_writer)
     "versions/.v*.tmp-*",  # a version being published (versions.publish)
-    "base/.*.tmp-*",  # a builtin base model being built (training.base_model)
+    "base/.*.tmp-*",  # a builtin base model being built (models.base_model)
     "runs/*/checkpoints/.step-*.tmp-*",  # a checkpoint being written (training.checkpoint)
     "cache/*/.*.tmp",  # a latent or text embedding being cached (training.data)
 )

@@ -1,9 +1,7 @@
-"""Labelling: captions for images that have none, as zero-shot open_clip tags.
-
-This package's top level imports no torch (the daemon imports it): the model lives in
-`labelling.clip`, which `lora-service label` imports when run, and which the daemon reaches
-only through a child process (`python -m lora_service.labelling`), so a model that crashes or
-eats memory takes down that child, not the service.
+"""Labelling, the torch-free half: captions for images that have none, as zero-shot open_clip
+tags computed by the labelling child (`python -m lora_service.labelling`, with `models.clip`).
+The daemon and `lora-service label` reach the model only through that process, so a model that
+crashes or eats memory takes down the child, not the service.
 
 - `make_labeller(config)`: the intake's `Labeller` for the daemon (None when labelling is off).
 - `label_folder(directory, labeller, extensions)`: writes `<stem>.txt` sidecars for `label DIR`.

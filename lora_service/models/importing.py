@@ -24,7 +24,7 @@ Imports torch, peft and diffusers: only the import child (`python -m lora_servic
    peft layout (fp32, what the next run loads), our kohya file, card.json, each with the journal
    witness — and journal `VersionImported` (no parent: a lineage root) with `HeadMoved` in one
    transaction, then deploy and render samples as after a run. The next run continues from it
-   with the incremental learning rate and epochs (`training.plan`).
+   with the incremental learning rate and epochs (`daemon.plan`).
 
 The import always becomes the head, whatever `train.promote` says: the gate keeps *automatic*
 versions off the head until they prove themselves against their parent, and an import is neither

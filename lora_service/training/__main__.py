@@ -2,8 +2,11 @@
 
 Also `--register-base`: materialise and register the configured base model (the daemon does
 this in a child, since it imports torch), print its sha256, exit 0. And `--import-adapter PATH
-[--format kohya|peft]`: `lora-service import` (`versions.importing`), one JSON line on success,
-`error: …` and exit 2 for a file that does not fit (nothing stored).
+[--format kohya|peft]`: `lora-service import` (`models.importing`), one JSON line on success,
+`error: …` and exit 2 for a file that does not fit (nothing stored). And `--sample V --prompt P
+--seed S --output O` / `--compare V1 V2 --output O`: `lora-service sample` and `compare`'s
+drawing, one JSON line (path, width, height). The torch-free side runs these one-shot jobs
+through `daemon.child.run_once`.
 
 Exit status: 0 when the run finished (a version was published) or was stopped by SIGTERM/SIGINT
 after saving a checkpoint (the run stays `running` in the journal; starting the child again
