@@ -23,7 +23,7 @@ from lora_service.journal import events as ev
 from lora_service.journal import queries
 from lora_service.versions import history
 from lora_service.versions.export import export_version
-from lora_service.versions.heads import move_head
+from lora_service.versions.heads import decide_on_head, move_head
 
 
 def _loss(value: float | None) -> str:
@@ -316,7 +316,8 @@ def batches(config_path: Path, as_json: bool) -> None:
 def requeue(config_path: Path, batch_id: str, reason: str) -> None:
     """Put a batch that is out of the head's lineage back into the next run."""
     config = load(config_path)
-    with open_journal(config) as journal:
+
+    def decide(_head: str | None) -> list[ev.Event]:
         state = queries.batch_states(journal).get(batch_id)
         if state is None:
             raise UsageError(f"batch {batch_id!r}: no accepted batch has this id (see `batches`)")
@@ -327,7 +328,10 @@ def requeue(config_path: Path, batch_id: str, reason: str) -> None:
                 f"batch {batch_id}: {state.status}, in the head's lineage; only a batch out of "
                 "the lineage (after a rollback) or held can be requeued"
             )
-        journal.append(ev.BatchRequeued(batch_id=batch_id, reason=reason))
+        return [ev.BatchRequeued(batch_id=batch_id, reason=reason)]
+
+    with open_journal(config) as journal:  # decided on the head as read: a move re-decides
+        decide_on_head(journal, f"requeue {batch_id}", decide)
     echo(f"requeued {batch_id}: it joins the next run")
 
 
