@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_service.config import parse_config  # noqa: E402
-from lora_service.inbox import Intake  # noqa: E402
+from lora_service.inbox.intake import Intake  # noqa: E402
 from lora_service.journal import Journal  # noqa: E402
 
 

@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from lora_service.config import parse_config  # noqa: E402
-from lora_service.inbox import Intake  # noqa: E402
+from lora_service.inbox.intake import Intake  # noqa: E402
 from lora_service.journal import Journal  # noqa: E402
 
 

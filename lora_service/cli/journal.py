@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,7 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
             batch = (queries.loads(run["config"]) or {}).get("train", {}).get("batch_size", 1)
             remaining = max(0, run["total_steps"] - done)
             running["eta_seconds"] = round(remaining * batch / rate, 1)
-    last_failed = queries.last_failed_run(journal)
-    failed = [last_failed] if last_failed else []
+    failed = queries.last_failed_run(journal)
     held = queries.held_versions(journal)
     seq = journal.last_seq()
     last = next(journal.events(since=seq - 1), None) if seq else None
@@ -54,13 +54,13 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
     holder = StateLock(state_dir).holder()
     daemon = read_status(state_dir) if holder else None
     # verified: the head has a validation loss; without one no gate ever had evidence about it
-    measured = queries.version(journal, head["version"]) if head else None
+    measured = queries.version(journal, head.version) if head else None
     return {
         "head": (
-            {"version": head["version"], "since": head["ts"], "reason": head["reason"],
-             "moved_by": head["moved_by"],
+            {"version": head.version, "since": head.ts, "reason": head.reason,
+             "moved_by": head.moved_by,
              "verified": bool(measured and measured["val_loss"] is not None),
-             "imported": queries.imported(journal, head["version"]) is not None}
+             "imported": queries.imported(journal, head.version) is not None}
             if head
             else None
         ),
@@ -69,8 +69,8 @@ def collect_status(journal: Journal, state_dir: Path) -> dict[str, Any]:
             "batches": queries.pending_batches(journal),
             "images": queries.pending_images(journal),
         },
-        "held": [{"version": h["version"], "reason": h["held_reason"]} for h in held],
-        "last_failure": failed[0] if failed else None,
+        "held": [{"version": h.version, "reason": h.reason} for h in held],
+        "last_failure": asdict(failed) if failed else None,
         "next_run": daemon.get("next_run") if daemon else None,
         "daemon": {"running": holder is not None, "pid": holder, **(daemon or {})},
         "journal": {"seq": seq, "hash": last.hash, "ts": last.ts} if last else

@@ -348,7 +348,7 @@ class Supervisor:
             said = re.findall(rf"^error: run {child.run_id} failed: ({DISK_PREFIX}.*)$",
                               child.stderr_tail(), re.MULTILINE)
             reason = said[-1] if said else f"{DISK_PREFIX}{reason} (the disk refused a write)"
-        disk = (journaled["reason"] if journaled else reason).startswith(DISK_PREFIX)
+        disk = (journaled.reason if journaled else reason).startswith(DISK_PREFIX)
         attempt = self._attempts(journal, child.run_id) + (0 if journaled and not disk else 1)
         gave_up = not disk and attempt >= MAX_ATTEMPTS
         if not journaled or gave_up:
@@ -369,7 +369,7 @@ class Supervisor:
         if disk:  # the disk's fault, not the run's: no attempt used, retried when it can be
             waits = self.disk_waits[child.run_id] = self.disk_waits.get(child.run_id, 0) + 1
             delay = DISK_BACKOFF_S[min(waits, len(DISK_BACKOFF_S)) - 1]
-            why = journaled["reason"] if journaled else reason
+            why = journaled.reason if journaled else reason
             self.problem = f"run {child.run_id} waits for the disk ({why}); retry in {delay:.0f} s"
         else:
             self.disk_waits.pop(child.run_id, None)

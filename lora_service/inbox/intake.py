@@ -466,15 +466,15 @@ class Intake:
         failed = self._label_failures.get(key)
         if failed is not None and now < failed[1]:
             return None  # the labeller failed: wait before trying again
-        last = self._last_intake(key)
+        last = queries.last_intake(self.journal, key)
         pending = None
-        if last is not None and last["outcome"] in FINAL:
+        if last is not None and last.outcome in FINAL:
             try:
-                done = self._exists(last["moved_to"])
+                done = self._exists(last.moved_to)
             except OSError as exc:  # cannot tell: the move below says why, if it fails; but a
                 done = exc.errno == errno.ENAMETOOLONG  # name no move can take: decided anew
             pending = None if done else last
-        new_arrival = pending is None and (last is None or last["outcome"] in FINAL)
+        new_arrival = pending is None and (last is None or last.outcome in FINAL)
         fd = self._open_batch(name)
         if fd is None:
             return None
@@ -488,14 +488,14 @@ class Intake:
                 return None
             self._seen.pop(name, None)
             if pending is not None:
-                moved_to = pending["moved_to"]
+                moved_to = pending.moved_to
                 problem = self._kind_problem(moved_to.partition("/")[0])
                 if problem is None and self._only_move_missing(pending, name, fd):
                     problem = self._move(name, moved_to)
                     if problem is None:
                         log.info("finished an interrupted move", batch=key, moved_to=moved_to)
-                        bad = tuple(ev.BadFile(**b) for b in json.loads(pending["bad"] or "[]"))
-                        return Outcome(key, pending["outcome"], moved_to, pending["batch_id"],
+                        bad = tuple(ev.BadFile(**b) for b in pending.bad)
+                        return Outcome(key, pending.outcome, moved_to, pending.batch_id,
                                        bad=bad, finished=True)
                 if problem is not None:  # decided; the move waits (e.g. for a real folder)
                     self._stays(key, problem)
@@ -595,9 +595,6 @@ class Intake:
 
     # -- recovery ----------------------------------------------------------------------------
 
-    def _last_intake(self, name: str) -> dict[str, Any] | None:
-        return queries.last_intake(self.journal, name)
-
     def _clean_store(self) -> None:
         """Remove what a killed intake left in the store: temp folders and unjournaled batches."""
         if not self.store.is_dir():
@@ -611,7 +608,8 @@ class Intake:
                 else:
                     os.unlink(entry.path)
 
-    def _only_move_missing(self, row: dict[str, Any], name: str, fd: int | str) -> bool:
+    def _only_move_missing(self, row: queries.IntakeDecision, name: str,
+                           fd: int | str) -> bool:
         """Is this the folder a journaled decision was about (so only its move is missing)?
 
         Not if it changed after the decision: a rename (a user moving `.rejected/x` back into
@@ -619,20 +617,19 @@ class Intake:
         time. Then the content must still match: the decided images, or our report (unless
         the decision says none could be written).
         """
-        decided = datetime.fromisoformat(row["ts"]).timestamp()
+        decided = datetime.fromisoformat(row.ts).timestamp()
         info = (os.fstat(fd) if isinstance(fd, int)
                 else os.stat(name, dir_fd=self._inbox_fd, follow_symlinks=False))
         if info.st_ctime > decided + CLOCK_SLACK_S:
             return False
-        if row["outcome"] == "rejected":
-            if isinstance(fd, str) or any(
-                    n.startswith(NO_REPORT) for n in json.loads(row["notes"] or "[]")):
+        if row.outcome == "rejected":
+            if isinstance(fd, str) or any(n.startswith(NO_REPORT) for n in row.notes):
                 return True  # rejected unread, or without a report
             reports = [e.name for e in os.scandir(fd) if REPORT_NAME.fullmatch(e.name)]
             return any(_is_own_report(fd, name) for name in reports)
         if isinstance(fd, str):
             return False
-        wanted = queries.batch_image_shas(self.journal, row["batch_id"])
+        wanted = queries.batch_image_shas(self.journal, row.batch_id)
         have = {
             _sha256_at(fd, entry.name)
             for entry in os.scandir(fd)
@@ -856,7 +853,7 @@ class Intake:
         bad, notes = verdict.journaled()
         if first:
             (seq,) = self.journal.append(ev.BatchDuplicate(
-                name=key, batch_id=batch_id, duplicate_of=first["name"], moved_to=moved_to))
+                name=key, batch_id=batch_id, duplicate_of=first.name, moved_to=moved_to))
             self.hooks.at("journaled")
             return self._move_out(name, Outcome(key, "duplicate", moved_to, batch_id,
                                                 len(verdict.good), bad, seq, not_moved=problem))

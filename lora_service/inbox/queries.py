@@ -7,7 +7,6 @@ rejected and duplicate drops are listed too, so a user sees why a folder was not
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from lora_service.journal import Journal, queries
@@ -20,23 +19,23 @@ def list_batches(journal: Journal) -> list[dict[str, Any]]:
     batches = queries.batch_rows(journal)
     out: list[dict[str, Any]] = []
     for row in queries.decided_intakes(journal):
-        batch = batches.get(row["batch_id"]) if row["batch_id"] else None
-        if row["outcome"] == "accepted":
-            state = states.get(row["batch_id"])
+        batch = batches.get(row.batch_id) if row.batch_id else None
+        if row.outcome == "accepted":
+            state = states.get(row.batch_id) if row.batch_id else None
             status = state.status if state else "pending"
         else:
-            status = row["outcome"]
+            status = row.outcome
         out.append({
-            "batch_id": row["batch_id"],
-            "name": row["name"],
+            "batch_id": row.batch_id,
+            "name": row.name,
             "status": status,
-            "images": batch["images"] if batch and row["outcome"] == "accepted" else 0,
-            "caption_sources": json.loads(batch["caption_sources"]) if batch else [],
-            "bad": json.loads(row["bad"] or "[]"),
-            "notes": json.loads(row["notes"] or "[]"),
-            "reason": row["reason"],
-            "moved_to": row["moved_to"],
-            "seq": row["seq"],
-            "ts": row["ts"],
+            "images": batch.images if batch and row.outcome == "accepted" else 0,
+            "caption_sources": list(batch.caption_sources) if batch else [],
+            "bad": list(row.bad),
+            "notes": list(row.notes),
+            "reason": row.reason,
+            "moved_to": row.moved_to,
+            "seq": row.seq,
+            "ts": row.ts,
         })
     return out

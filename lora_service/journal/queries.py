@@ -15,14 +15,28 @@ from typing import Any
 from lora_service.journal.sqlite import LOSS_INDEX, Journal
 
 
-def head(journal: Journal) -> dict[str, Any] | None:
-    rows = journal.query("SELECT * FROM head WHERE id = 1")
-    return rows[0] if rows else None
+@dataclass(frozen=True)
+class Head:
+    """Where the head stands: what the last `HeadMoved` said."""
+
+    version: str
+    previous: str | None
+    reason: str
+    moved_by: str  # promotion | rollback | promote
+    seq: int
+    ts: str
+
+
+def head(journal: Journal) -> Head | None:
+    rows = journal.query(
+        "SELECT version, previous, reason, moved_by, seq, ts FROM head WHERE id = 1")
+    return Head(**rows[0]) if rows else None
 
 
 def head_version(journal: Journal) -> str | None:
+    """Which version is the head (None before the first): the package asks only this."""
     row = head(journal)
-    return row["version"] if row else None
+    return row.version if row else None
 
 
 def version(journal: Journal, name: str) -> dict[str, Any] | None:
@@ -204,15 +218,23 @@ def failures_counted(journal: Journal, run_id: str, not_prefix: str) -> int:
     return int(rows[0]["n"])
 
 
-def last_failure(journal: Journal, run_id: str, since: int) -> dict[str, Any] | None:
-    """(seq, reason) of the run's last `RunFailed` after seq `since`."""
+@dataclass(frozen=True)
+class Failure:
+    """A `RunFailed` event: where it is, and why the run failed."""
+
+    seq: int
+    reason: str
+
+
+def last_failure(journal: Journal, run_id: str, since: int) -> Failure | None:
+    """The run's last `RunFailed` after seq `since`."""
     rows = journal.query(
         "SELECT seq, json_extract(payload, '$.reason') AS reason FROM events"
         " WHERE type = 'RunFailed' AND seq > ? AND json_extract(payload, '$.run_id') = ?"
         " ORDER BY seq DESC LIMIT 1",
         [since, run_id],
     )
-    return rows[0] if rows else None
+    return Failure(rows[0]["seq"], rows[0]["reason"]) if rows else None
 
 
 def runs_with_status(journal: Journal, status: str) -> list[str]:
@@ -242,45 +264,103 @@ def images_per_s(journal: Journal, run_id: str) -> float | None:
     return rows[0]["r"] if rows else None
 
 
-def last_failed_run(journal: Journal) -> dict[str, Any] | None:
-    """(run_id, last_error, failures, status, ended_at) of the newest failed or given-up run."""
+@dataclass(frozen=True)
+class FailedRun:
+    """A run that failed (retried after a back-off) or gave up."""
+
+    run_id: str
+    last_error: str | None
+    failures: int | None
+    status: str  # failed | gave_up
+    ended_at: str | None
+
+
+def last_failed_run(journal: Journal) -> FailedRun | None:
+    """The newest failed or given-up run."""
     rows = journal.query(
         "SELECT run_id, last_error, failures, status, ended_at FROM runs"
         " WHERE status IN ('failed', 'gave_up') ORDER BY started_seq DESC LIMIT 1"
     )
-    return rows[0] if rows else None
+    return FailedRun(**rows[0]) if rows else None
 
 
-def held_versions(journal: Journal) -> list[dict[str, Any]]:
-    """(version, held_reason) of every held version, newest first."""
-    return journal.query(
+@dataclass(frozen=True)
+class HeldVersion:
+    version: str
+    reason: str | None  # why a gate kept it off the head
+
+
+def held_versions(journal: Journal) -> list[HeldVersion]:
+    """Every held version, newest first."""
+    rows = journal.query(
         "SELECT version, held_reason FROM versions WHERE held = 1 ORDER BY created_seq DESC"
     )
+    return [HeldVersion(r["version"], r["held_reason"]) for r in rows]
 
 
-def batch(journal: Journal, batch_id: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Batch:
+    """An accepted batch (its `batches` row, caption sources decoded)."""
+
+    batch_id: str
+    name: str
+    images: int
+    caption_sources: tuple[str, ...]
+    accepted_seq: int
+    accepted_at: str
+
+
+def _batch(row: dict[str, Any]) -> Batch:
+    return Batch(row["batch_id"], row["name"], row["images"],
+                 tuple(json.loads(row["caption_sources"] or "[]")), row["accepted_seq"],
+                 row["accepted_at"])
+
+
+def batch(journal: Journal, batch_id: str) -> Batch | None:
     rows = journal.query("SELECT * FROM batches WHERE batch_id = ?", [batch_id])
-    return rows[0] if rows else None
+    return _batch(rows[0]) if rows else None
 
 
-def batch_rows(journal: Journal) -> dict[str, dict[str, Any]]:
-    """batch_id -> its `batches` row."""
-    return {row["batch_id"]: row for row in journal.query("SELECT * FROM batches")}
+def batch_rows(journal: Journal) -> dict[str, Batch]:
+    """batch_id -> its accepted batch."""
+    return {row["batch_id"]: _batch(row) for row in journal.query("SELECT * FROM batches")}
 
 
-def decided_intakes(journal: Journal) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class IntakeDecision:
+    """One intake event about an inbox folder (its `intakes` row, `bad` and `notes` decoded)."""
+
+    seq: int
+    ts: str
+    name: str  # the folder's name in the inbox
+    outcome: str  # detected | accepted | rejected | duplicate
+    batch_id: str | None
+    reason: str | None
+    bad: tuple[dict[str, Any], ...]  # {file, reason} of each file left out
+    notes: tuple[str, ...]
+    moved_to: str | None  # inbox-relative: .accepted/<name>, .rejected/<name>
+
+
+def _intake(row: dict[str, Any]) -> IntakeDecision:
+    return IntakeDecision(row["seq"], row["ts"], row["name"], row["outcome"], row["batch_id"],
+                          row["reason"], tuple(json.loads(row["bad"] or "[]")),
+                          tuple(json.loads(row["notes"] or "[]")), row["moved_to"])
+
+
+def decided_intakes(journal: Journal) -> list[IntakeDecision]:
     """Every intake decision (accepted, rejected, duplicate), in journal order."""
-    return journal.query(
+    rows = journal.query(
         "SELECT * FROM intakes WHERE outcome IN ('accepted', 'rejected', 'duplicate')"
         " ORDER BY seq"
     )
+    return [_intake(row) for row in rows]
 
 
-def last_intake(journal: Journal, name: str) -> dict[str, Any] | None:
-    """The newest `intakes` row of an inbox folder name."""
+def last_intake(journal: Journal, name: str) -> IntakeDecision | None:
+    """The newest intake event of an inbox folder name."""
     rows = journal.query("SELECT * FROM intakes WHERE name = ? ORDER BY seq DESC LIMIT 1",
                          [name])
-    return rows[0] if rows else None
+    return _intake(rows[0]) if rows else None
 
 
 def batch_image_shas(journal: Journal, batch_id: str) -> set[str]:
@@ -296,11 +376,22 @@ def versions(journal: Journal) -> list[dict[str, Any]]:
     return journal.query("SELECT * FROM versions ORDER BY created_seq")
 
 
+@dataclass(frozen=True)
+class Fact:
+    """A journaled event as an audit cites it."""
+
+    seq: int
+    ts: str
+    type: str
+    hash: str
+    payload: dict[str, Any]
+
+
 def event_records(journal: Journal, *, seq: int | None = None, run_id: str | None = None,
                   version: str | None = None, batch_id: str | None = None,
                   run_types: tuple[str, ...] = (), version_types: tuple[str, ...] = (),
-                  ) -> list[dict[str, Any]]:
-    """(seq, ts, type, hash, payload) of the events asked for, in order: the event at `seq`;
+                  ) -> list[Fact]:
+    """The events asked for, in order: the event at `seq`;
     or those of `run_types` about `run_id` and of `version_types` about `version`; or the
     `BatchAccepted` of `batch_id`."""
     where: list[str] = []
@@ -324,8 +415,8 @@ def event_records(journal: Journal, *, seq: int | None = None, run_id: str | Non
     rows = journal.query(
         f"SELECT seq, ts, type, payload, hash FROM events WHERE {' OR '.join(where)}"
         " ORDER BY seq", params)
-    return [{"seq": r["seq"], "ts": r["ts"], "type": r["type"], "hash": r["hash"],
-             "payload": json.loads(r["payload"])} for r in rows]
+    return [Fact(r["seq"], r["ts"], r["type"], r["hash"], json.loads(r["payload"]))
+            for r in rows]
 
 
 def batch_image_records(journal: Journal, batch_id: str) -> list[dict[str, Any]]:
@@ -418,6 +509,14 @@ class LossCurve:
             return None
         return {"method": "min-max", "total_points": self.total, "buckets": self.buckets,
                 "bucket_steps": self.bucket_steps}
+
+
+def loss_versions(journal: Journal) -> dict[str, dict[str, Any]]:
+    """Every version's row by name, with only the columns `loss` shows (a `SELECT *` of 3,000
+    versions and their batch lists took a tenth of the command)."""
+    return {r["version"]: r for r in journal.query(
+        "SELECT version, parent, run_id, step, steps, train_loss, val_loss,"
+        " val_loss_per_batch, val_loss_known, held FROM versions")}
 
 
 def loss_points(journal: Journal,

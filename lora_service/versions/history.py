@@ -11,6 +11,7 @@ version is the curve of its lineage: its ancestors' runs, then its own.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +84,37 @@ def tree_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
 # -- loss ------------------------------------------------------------------------------------
 
 
+def _loss_version(row: dict[str, Any], head: str | None) -> dict[str, Any]:
+    """Of `_version_dict(row, ...)`, what `loss_series` shows."""
+    return {
+        "version": row["version"],
+        "parent": row["parent"],
+        "run_id": row["run_id"],
+        "start_step": (row["step"] or 0) - (row["steps"] or 0),
+        "step": row["step"],
+        "steps": row["steps"],
+        "train_loss": row["train_loss"],
+        "val_loss": row["val_loss"],
+        "val_loss_per_batch": queries.loads(row["val_loss_per_batch"], {}),
+        "val_loss_known": row["val_loss_known"],
+        "head": row["version"] == head,
+        "held": bool(row["held"]),
+    }
+
+
 def _lineage_runs(
     journal: Journal, version: str | None
 ) -> tuple[str | None, list[str], list[dict[str, Any]], list[tuple[str, str | None]]]:
-    """(target, its lineage oldest first, their version rows, their runs as (run_id, version)
-    pairs plus, when `version` is None, a run now training on the head as (run_id, None))."""
+    """(target, its lineage oldest first, what `loss` shows of each (`_loss_version`), their
+    runs as (run_id, version) pairs plus, when `version` is None, a run now training on the
+    head as (run_id, None))."""
     if version is not None:
         version_row(journal, version)  # UsageError for an unknown version
-    target = version if version is not None else queries.head_version(journal)
+    head = queries.head_version(journal)
+    target = version if version is not None else head
     chain = list(reversed(queries.lineage(journal, target)))  # oldest first
-    all_rows = {r["version"]: r for r in version_rows(journal)}
-    versions = [all_rows[name] for name in chain]
+    rows = queries.loss_versions(journal)  # what `version_rows` says of each, less the rest
+    versions = [_loss_version(rows[name], head) for name in chain]
     runs = {r["run_id"]: r["version"] for r in versions if r["run_id"] is not None}
     if version is None:
         running = queries.running_run(journal)
@@ -126,12 +147,7 @@ def loss_series(
     return {
         "version": target,
         "lineage": chain,
-        "versions": [
-            {k: v[k] for k in ("version", "parent", "run_id", "start_step", "step", "steps",
-                               "train_loss", "val_loss", "val_loss_per_batch", "val_loss_known",
-                               "head", "held")}
-            for v in versions
-        ],
+        "versions": versions,
         "points": curve,
         "downsampled": downsampled,
     }
@@ -147,8 +163,9 @@ def loss_tail(journal: Journal, version: str | None, count: int) -> list[dict[st
 
 def _events_of(journal: Journal, run_id: str, version: str) -> list[dict[str, Any]]:
     """The events that made `version` (its run's life) and what happened to it since."""
-    return queries.event_records(journal, run_id=run_id, version=version,
-                                 run_types=RUN_EVENTS, version_types=VERSION_EVENTS)
+    return [asdict(fact) for fact in queries.event_records(
+        journal, run_id=run_id, version=version, run_types=RUN_EVENTS,
+        version_types=VERSION_EVENTS)]
 
 
 def _batch_record(journal: Journal, batch_id: str, new: bool) -> dict[str, Any]:
@@ -157,10 +174,10 @@ def _batch_record(journal: Journal, batch_id: str, new: bool) -> dict[str, Any]:
     accepted = queries.event_records(journal, batch_id=batch_id)
     return {
         "batch_id": batch_id,
-        "name": batch["name"] if batch else None,
+        "name": batch.name if batch else None,
         "new": new,
-        "accepted_seq": accepted[0]["seq"] if accepted else None,
-        "accepted_hash": accepted[0]["hash"] if accepted else None,
+        "accepted_seq": accepted[0].seq if accepted else None,
+        "accepted_hash": accepted[0].hash if accepted else None,
         "images": images,
     }
 
@@ -237,8 +254,8 @@ def audit_record(journal: Journal, state: Path, version: str) -> dict[str, Any]:
         registered = queries.event_records(journal, seq=base_row["seq"])
         base |= {k: base_row[k] for k in ("spec", "path", "kind", "seq")}
         if registered:
-            base["hash"] = registered[0]["hash"]
-            base["files"] = registered[0]["payload"].get("files", {})
+            base["hash"] = registered[0].hash
+            base["files"] = registered[0].payload.get("files", {})
         paths, bad = _check(state, base["files"])
         checked += paths
         problems += bad

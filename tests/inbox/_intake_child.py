@@ -16,8 +16,7 @@ import time
 from PIL import Image
 
 from lora_service.config import load_config
-from lora_service.inbox import Intake
-from lora_service.inbox.intake import Hooks
+from lora_service.inbox.intake import Hooks, Intake
 from lora_service.journal import Journal
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lora_service.config import Config, load_config
-from lora_service.inbox import Intake
+from lora_service.inbox.intake import Intake
 from lora_service.journal import Journal
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_service.inbox import Intake
+from lora_service.inbox.intake import Intake
 from lora_service.journal import Journal, projections
 from lora_service.journal import events as ev
 from lora_service.journal.sqlite import GENESIS, event_hash

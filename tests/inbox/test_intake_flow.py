@@ -8,8 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_service.inbox import InboxWatcher, batch_id_of, list_batches
-from lora_service.inbox.intake import LABEL_ATTEMPTS, LABEL_RETRY_S
+from lora_service.inbox.intake import LABEL_ATTEMPTS, LABEL_RETRY_S, batch_id_of
+from lora_service.inbox.queries import list_batches
+from lora_service.inbox.watch import InboxWatcher
 from lora_service.journal import events as ev
 
 from .conftest import Env, drop, image_bytes, sha

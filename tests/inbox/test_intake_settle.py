@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from lora_service.inbox import Intake
+from lora_service.inbox.intake import Intake
 from lora_service.journal import events as ev
 
 from .conftest import Env, drop, image_bytes, sha

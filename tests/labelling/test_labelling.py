@@ -122,7 +122,7 @@ def test_daemon_labeller_runs_in_a_child_and_feeds_the_intake(clip_config: Path,
          " sys.exit('torch' in sys.modules)"], cwd=ROOT)
     assert probe.returncode == 0
 
-    from lora_service.inbox import Intake
+    from lora_service.inbox.intake import Intake
     from lora_service.inbox.labeller import make_labeller
 
     config = load_config(clip_config)
