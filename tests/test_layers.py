@@ -1,4 +1,4 @@
-"""The process boundary is enforced by import-linter (`[tool.importlinter]` in pyproject.toml),
+"""The process boundary is enforced by import-linter (its contracts are in `.importlinter`),
 and the contracts really bite: on a copy of the package with one forbidden import added, each
 kind of breach (torch on the torch-free side, a torch-side module there, a cycle) fails."""
 
@@ -36,7 +36,7 @@ def test_the_package_keeps_its_contracts() -> None:
 def test_a_breach_is_caught(tmp_path: Path, module: str, line: str, contract: str) -> None:
     shutil.copytree(ROOT / "lora_service", tmp_path / "lora_service",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    shutil.copy(ROOT / ".importlinter", tmp_path)
     target = tmp_path / "lora_service" / module
     target.write_text(target.read_text() + f"\n{line}\n")
     result = lint(tmp_path)
