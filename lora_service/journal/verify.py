@@ -262,10 +262,6 @@ def _decode(rows: Iterable[tuple[Any, ...]]) -> Iterator[_Chunk]:
     validators = {name: cls.__pydantic_validator__.validate_json
                   for name, cls in EVENT_TYPES.items()}
     changes_of = projections.changes
-    # `changes` of an event that records and releases no file is its type's own changes: that
-    # function, looked up once per type rather than through `singledispatch` per event (with
-    # the empty file loops, 1.5 µs of the 8 an event takes here)
-    own = {cls: projections._changes.dispatch(cls) for cls in EVENT_TYPES.values()}
     statements = _Statements()
     problems: list[tuple[int, int, str]] = []
     first = last = None
@@ -300,10 +296,7 @@ def _decode(rows: Iterable[tuple[Any, ...]]) -> Iterator[_Chunk]:
                                                 f"{where}"))
                     continue
             try:
-                if event.files or event.released:
-                    statements.add(changes_of(seq, ts, event))
-                else:
-                    statements.add(own[type(event)](event, seq, ts))
+                statements.add(changes_of(seq, ts, event))
             except (KeyError, ValueError, ValidationError, OverflowError):
                 pass
             count += 1

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +69,7 @@ from lora_service.versions.publish import (
     decide_on_head,
     kohya_name,
     new_version_folder,
+    removed_on_failure,
     seal_version_folder,
 )
 
@@ -491,7 +491,7 @@ def store_version(
     seq, digest = journal.position()
     kohya = kohya_name(config, version)
     te = text_encoder if geometry.train_text_encoder else None
-    try:
+    with removed_on_failure(tmp):
         adapter = adapters.TrainedAdapter(unet, te)
         written = adapter.write_peft(tmp / ADAPTER_DIR, witness.metadata(version, seq, digest))
         files = {f"{ADAPTER_DIR}/{k}": v for k, v in written.items()}
@@ -517,9 +517,6 @@ def store_version(
             "journal_hash": digest,
         }
         seal_version_folder(tmp, final, card, files)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     imported = VersionImported(
         files={f"{rel}/{k}": v for k, v in sorted(files.items())},
         version=version, origin=origin.name, format=origin.format, sha256=origin.sha256,

@@ -36,6 +36,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -175,6 +177,17 @@ def new_version_folder(journal: Journal, state: Path) -> tuple[str, str, Path, P
     return version, folder_rel, final, tmp
 
 
+@contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    """Building a version in `tmp`: on any failure the temp folder goes, so a version appears
+    whole (`seal_version_folder`) or leaves nothing."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def seal_version_folder(tmp: Path, final: Path, card: dict[str, Any],
                         files: dict[str, str]) -> None:
     """Write `card.json` (its sha256 into `files`), fsync the folder and rename it into place:
@@ -225,7 +238,7 @@ def publish_version(
     # these files' sha256, cannot be in them)
     last_seq, last_hash = journal.position()
     kohya = kohya_name(config, version)
-    try:
+    with removed_on_failure(tmp):
         adapter_files = adapter.write_peft(
             tmp / ADAPTER_DIR, witness.metadata(version, last_seq, last_hash)
         )
@@ -295,9 +308,6 @@ def publish_version(
             "journal_hash": last_hash,
         }
         seal_version_folder(tmp, final, card, files)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     created = VersionCreated(
         files={f"{folder_rel}/{rel}": sha for rel, sha in sorted(files.items())},
