@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,14 +109,16 @@ class Child:
     last_progress: float = field(default_factory=time.monotonic)
     stalled: str | None = None  # why it was stopped for making no progress
     stalled_at: float = 0.0
+    on_exit: Callable[[], None] | None = None  # called when its stderr closes (it exits)
     _beat: int = 0  # the heartbeat's mtime (ns) when last looked at
     _reader: threading.Thread | None = None
 
     @classmethod
     def start(cls, config: Config, run_id: str, heartbeat: Path,
-              extra: Sequence[str] = ()) -> Child:
+              extra: Sequence[str] = (), on_exit: Callable[[], None] | None = None) -> Child:
         """Start the child for `run_id`; `heartbeat` is (re)created first, so a child that
-        never beats is measured from now."""
+        never beats is measured from now. `on_exit`: e.g. wake the supervisor's loop, so the
+        next run starts as soon as this one ends, not at the next tick."""
         heartbeat.touch()
         beat = heartbeat.stat().st_mtime_ns
         proc = subprocess.Popen(
@@ -129,7 +131,7 @@ class Child:
             start_new_session=True,
         )
         child = cls(run_id, proc, launcher=config.train.num_processes > 1, heartbeat=heartbeat,
-                    _beat=beat)
+                    on_exit=on_exit, _beat=beat)
         child._reader = threading.Thread(target=child._pump, name=f"child-{run_id}", daemon=True)
         child._reader.start()
         return child
@@ -156,6 +158,9 @@ class Child:
             self.tail.append(line)
             sys.stderr.write(line)
         sys.stderr.flush()
+        if self.on_exit is not None:
+            self.proc.wait()  # stderr closes as it exits: reaped by now or in a moment
+            self.on_exit()
 
     def poll(self) -> int | None:
         return self.proc.poll()

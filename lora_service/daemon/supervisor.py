@@ -295,7 +295,8 @@ class Supervisor:
     def _start(self, journal: Journal, run_id: str) -> None:
         self.child_seq = journal.last_seq()
         extra = self.child_args.pop(0) if self.child_args else ()
-        self.child = Child.start(self.config, run_id, self.state_dir / HEARTBEAT, extra)
+        self.child = Child.start(self.config, run_id, self.state_dir / HEARTBEAT, extra,
+                                 on_exit=self.wake.set)
         if self.problem and self.problem.startswith(f"run {run_id} "):
             self.problem = None  # it waited for disk space; it is trying again now
         log.info("training child started", run_id=run_id, pid=self.child.proc.pid)

@@ -306,6 +306,9 @@ class Journal:
                     raise JournalError(f"{self.path}: integrity check failed: {result}")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if self.readonly and version == 0:
+                if not self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise NoJournal(f"no state at {state} (journal.sqlite is empty: the daemon "
+                                    "is creating it)")
                 raise JournalError(f"{self.path}: not a lora-service journal (schema version 0)")
             if not self.readonly and version < SCHEMA_VERSION:
                 self._create()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.resources
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -30,7 +30,6 @@ from typing import Any, Literal
 import lora_service.models.torch_compat  # noqa: F401  (must precede transformers, diffusers)
 
 # isort: split
-import open_clip
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
@@ -90,7 +89,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The CLIP BPE vocabulary and merges, exactly as open_clip's SimpleTokenizer builds them."""
-    source = importlib.resources.files(open_clip) / "bpe_simple_vocab_16e6.txt.gz"
+    # the file is found without importing open_clip (2 s of torchvision and dynamo imports)
+    spec = importlib.util.find_spec("open_clip")
+    assert spec is not None and spec.submodule_search_locations, "open_clip is installed"
+    source = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     text = gzip.decompress(source.read_bytes()).decode("utf-8")
     merges = [tuple(line.split()) for line in text.split("\n")[1 : 49152 - 256 - 2 + 1]]
     alphabet = list(_bytes_to_unicode().values())

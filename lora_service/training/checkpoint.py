@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,11 +93,13 @@ def save(
     scheduler: dict[str, Any],
     trainer_state: dict[str, Any],
     grad_scaler: dict[str, Any] | None = None,
+    rng: torch.Tensor | None = None,
     crash_at_step: int | None = None,
 ) -> tuple[Path, dict[str, str]]:
     """Write one checkpoint atomically; return its folder and {state-relative path: sha256}.
-    `grad_scaler`: `GradScaler.state_dict()` of an fp16 run, None otherwise. `crash_at_step`:
-    tests only (`Faults.crash_in_checkpoint`)."""
+    `grad_scaler`: `GradScaler.state_dict()` of an fp16 run, None otherwise. `rng`: the torch
+    RNG state taken with the rest (default: now). `crash_at_step`: tests only
+    (`Faults.crash_in_checkpoint`)."""
     root = checkpoints_dir(state_dir, run_id)
     root.mkdir(parents=True, exist_ok=True)
     final = root / folder_name(step)
@@ -109,7 +113,8 @@ def save(
     if crash_at_step == step:
         os.kill(os.getpid(), signal.SIGKILL)  # a power cut half-way through the write
     (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler))
-    (tmp / "rng.safetensors").write_bytes(st_save({"cpu": torch.get_rng_state()}))
+    rng = torch.get_rng_state() if rng is None else rng
+    (tmp / "rng.safetensors").write_bytes(st_save({"cpu": rng}))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, sort_keys=True, indent=1))
     if grad_scaler is not None:
         (tmp / GRAD_SCALER).write_text(json.dumps(grad_scaler, sort_keys=True))
@@ -185,3 +190,45 @@ def prunable(state_dir: Path, run_id: str, keep: int) -> list[Checkpoint]:
 
 def files_of(state_dir: Path, ckpt: Checkpoint) -> list[str]:
     return sorted(p.relative_to(state_dir).as_posix() for p in ckpt.path.iterdir() if p.is_file())
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of a state dict's tensors in host memory, detached from training (an optimizer
+    keeps updating its own in place while a checkpoint is being written)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class Writer:
+    """Writes checkpoints in a thread while training goes on, one at a time: serialising,
+    hashing and fsyncing cost the steps nothing but what the snapshot itself takes. A failed
+    write (a full disk) is raised by the next `submit` or `wait`."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="checkpoint")
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as exc:  # noqa: BLE001  (raised in the training thread)
+            self._error = exc
+
+    def wait(self) -> None:
+        """Until the last checkpoint is durable and journaled; its failure, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -27,6 +27,7 @@ stall watch sees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,10 +57,12 @@ from lora_service.store import sha256_bytes
 from lora_service.training import checkpoint, heartbeat
 from lora_service.training.data import EncodedData, Item
 from lora_service.training.faults import Faults
-from lora_service.training.trainer import Trainer, check_precision
+from lora_service.training.timing import Stopwatch
+from lora_service.training.trainer import Step, Trainer, check_precision
 from lora_service.versions.publish import Measured, publish_version
 
 LOSS_EVERY = 5
+FLUSH_EVERY_S = 1.0
 log = get_logger("lora_service.training")
 FINISHED, STOPPED = "finished", "stopped"
 
@@ -148,8 +151,10 @@ class RunContext:
     """Everything `execute` builds, kept together so tests and the bench can reuse it."""
 
     def __init__(self, config: Config, journal: Journal, run: RunStarted,
-                 faults: Faults | None = None) -> None:
+                 faults: Faults | None = None, clock: Stopwatch | None = None) -> None:
         self.faults = faults or Faults()
+        self.clock = clock = clock or Stopwatch()
+        self.checkpoints = checkpoint.Writer()
         self.config, self.journal, self.run = config, journal, run
         self.state_dir = config.paths.state
         cfg = run.config
@@ -161,15 +166,15 @@ class RunContext:
         self.config_digest = sha256_bytes(canonical(recorded).encode())
         check_precision(self.run_config.train.mixed_precision)  # before anything slow
         torch.set_num_threads(run.threads)
-        self.base = base_model.materialise(self.run_config.base_model, self.state_dir)
-        if self.base.sha256 != run.base_sha256:
-            raise ServiceError(
-                f"run {run.run_id}: base model {self.run_config.base_model} has sha256 "
-                f"{self.base.sha256[:12]}, the run was planned on {run.base_sha256[:12]}"
-            )
-        unet, vae, text_encoder, tokenizer, scheduler = base_model.load_pipeline_components(
-            self.base
-        )
+        with clock.phase("base model"):
+            self.base = base_model.materialise(self.run_config.base_model, self.state_dir)
+            if self.base.sha256 != run.base_sha256:
+                raise ServiceError(
+                    f"run {run.run_id}: base model {self.run_config.base_model} has sha256 "
+                    f"{self.base.sha256[:12]}, the run was planned on {run.base_sha256[:12]}"
+                )
+            unet, vae, text_encoder, tokenizer, scheduler = (
+                base_model.load_pipeline_components(self.base))
         t = self.run_config.train
         train_items, val_items = _items(journal, run, t.validation_split)
         train_text = self.run_config.lora.train_text_encoder
@@ -183,23 +188,25 @@ class RunContext:
             "cache_on_disk": t.cache_latents,
             "encode_text": not train_text,
         }
-        self.train_data = EncodedData(train_items, **common)
-        self.val_data = EncodedData(val_items, **common)
+        with clock.phase("cache"):
+            self.train_data = EncodedData(train_items, **common)
+            self.val_data = EncodedData(val_items, **common)
         if not len(self.train_data):
             raise ServiceError(f"run {run.run_id}: no training images")
         lineage = queries.lineage(journal, run.parent)
         self.parent_known = set(queries.lineage_batches(journal, lineage))
-        self.trainer = Trainer(
-            self.run_config,
-            run,
-            self.train_data,
-            unet,
-            scheduler,
-            text_encoder=text_encoder if train_text else None,
-            warmup_steps=t.warmup_for(run.total_steps, first_run_steps(journal, run)),
-        )
-        if run.parent is not None:
-            self._load_parent()
+        with clock.phase("set-up"):
+            self.trainer = Trainer(
+                self.run_config,
+                run,
+                self.train_data,
+                unet,
+                scheduler,
+                text_encoder=text_encoder if train_text else None,
+                warmup_steps=t.warmup_for(run.total_steps, first_run_steps(journal, run)),
+            )
+            if run.parent is not None:
+                self._load_parent()
 
     def _load_parent(self) -> None:
         folder = self.state_dir / "versions" / self.run.parent / "adapter"  # type: ignore[operator]
@@ -225,42 +232,47 @@ class RunContext:
             "threads": torch.get_num_threads(),
             "processes": tr.accelerator.num_processes,
             "config_digest": self.config_digest,
-            "losses": tr.losses,
+            "losses": tr.loss_history(),
         }
 
-    def save_checkpoint(self) -> CheckpointSaved | None:
-        """Write a checkpoint and journal it (main process only: the others wait)."""
+    def save_checkpoint(self, *, wait: bool = False) -> None:
+        """Snapshot the training state now; write and journal it in the background
+        (`checkpoint.Writer`), or before returning with `wait`. Main process only: the others
+        wait for it to take the snapshot."""
         tr = self.trainer
         if not tr.accelerator.is_main_process:
             tr.accelerator.wait_for_everyone()
-            return None
-        opt, sched = tr.raw_optimizer, tr.raw_scheduler
-        folder, files = checkpoint.save(
-            self.state_dir,
-            self.run.run_id,
-            tr.global_step,
-            adapter=tr.adapter_state(),
-            optimizer=opt.state_dict(),
-            scheduler=sched.state_dict(),
-            trainer_state=self.trainer_state(),
-            crash_at_step=self.faults.crash_in_checkpoint,
-            grad_scaler=scaler.state_dict() if (scaler := tr.accelerator.scaler) else None,
-        )
+            return
+        scaler = tr.accelerator.scaler
+        taken = {
+            "step": tr.global_step,
+            "adapter": tr.adapter_state(),
+            "optimizer": checkpoint.snapshot(tr.raw_optimizer.state_dict()),
+            "scheduler": checkpoint.snapshot(tr.raw_scheduler.state_dict()),
+            "trainer_state": self.trainer_state(),
+            "grad_scaler": checkpoint.snapshot(scaler.state_dict()) if scaler else None,
+            "rng": torch.get_rng_state(),
+        }
+        self.checkpoints.submit(lambda: self._write_checkpoint(**taken))
+        if wait:
+            self.checkpoints.wait()
+        tr.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, step: int, **state: Any) -> None:
+        folder, files = checkpoint.save(self.state_dir, self.run.run_id, step,
+                                        crash_at_step=self.faults.crash_in_checkpoint, **state)
         keep = self.run_config.train.keep_checkpoints
         old = checkpoint.prunable(self.state_dir, self.run.run_id, keep)
         released = tuple(f for c in old for f in checkpoint.files_of(self.state_dir, c))
-        event = CheckpointSaved(
+        self.journal.append(CheckpointSaved(
             run_id=self.run.run_id,
-            step=tr.global_step,
+            step=step,
             path=folder.relative_to(self.state_dir).as_posix(),
             files=files,
             released=released,
-        )
-        self.journal.append(event)
+        ))
         for c in old:  # only after the journal says they are released
             shutil.rmtree(c.path, ignore_errors=True)
-        tr.accelerator.wait_for_everyone()
-        return event
 
     def resume(self) -> None:
         """Continue from the newest verified checkpoint, or note a restart from scratch."""
@@ -314,70 +326,128 @@ class RunContext:
 def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = False,
             stop: StopFlag | None = None, faults: Faults | None = None) -> Outcome:
     """Train `run_id` to a version (or to a checkpoint when stopped). `faults`: tests only
-    (`training/faults.py`)."""
-    stop = stop if stop is not None else StopFlag()
+    (`training/faults.py`). Where the time went is logged once at the end (`run timings`)."""
+    clock = Stopwatch()
+    try:
+        return _execute(config, journal, run_id, clock, progress=progress,
+                        stop=stop if stop is not None else StopFlag(), faults=faults)
+    finally:
+        log.info("run timings", run_id=run_id, seconds=clock.report())
+
+
+def _execute(config: Config, journal: Journal, run_id: str, clock: Stopwatch, *,
+             progress: bool, stop: StopFlag, faults: Faults | None) -> Outcome:
     run = find_run(journal, run_id)
     with heartbeat.phase():  # base model, pipeline: one slow load, nothing to beat inside
-        ctx = RunContext(config, journal, run, faults)
+        ctx = RunContext(config, journal, run, faults, clock)
+    try:
+        return _train(ctx, progress=progress, stop=stop)
+    except BaseException:
+        with contextlib.suppress(BaseException):  # its own failure would hide this one
+            ctx.checkpoints.wait()  # a checkpoint being written lands before RunFailed
+        raise
+
+
+def _train(ctx: RunContext, *, progress: bool, stop: StopFlag) -> Outcome:
+    journal, run, run_id, clock = ctx.journal, ctx.run, ctx.run.run_id, ctx.clock
     tr = ctx.trainer
     if tr.warmup_steps:
         _log(f"run {run_id}: learning rate warms up over {tr.warmup_steps} of "
              f"{run.total_steps} steps")
-    with heartbeat.phase():
+    with heartbeat.phase(), clock.phase("set-up"):
         tr.prepare()
     # the parent's loss on what it knew, before training (and before a checkpoint replaces its
     # weights), through the same prepared model as the child's: same device, same autocast
-    parent_val = tr.validate(ctx.val_data) if run.parent is not None else None
-    with heartbeat.phase():
+    parent_val = None
+    if run.parent is not None:
+        with clock.phase("parent validation"):
+            parent_val = tr.validate(ctx.val_data)
+    with heartbeat.phase(), clock.phase("set-up"):
         ctx.resume()
     t = ctx.run_config.train
     main = tr.accelerator.is_main_process  # only it writes the journal, logs and versions
-    writer = _tensorboard(ctx) if main else None
-    bar = _progress_bar(run, tr.local_step) if progress and main else None
+    losses = LossLog(journal, run_id, _tensorboard(ctx) if main else None,
+                     _progress_bar(run, tr.local_step) if progress and main else None)
     last_saved = tr.global_step if tr.local_step else None
     end = run.start_step + run.total_steps
     started, images = time.perf_counter(), 0
     faults = ctx.faults
+
+    def checkpoint_now(wait: bool = False) -> None:
+        nonlocal last_saved
+        with clock.phase("checkpoints"):
+            losses.flush()  # the journal shows every step the checkpoint holds
+            ctx.save_checkpoint(wait=wait)
+        last_saved = tr.global_step
+
+    def loop_over() -> None:
+        """What the loop spent outside the steps and checkpoints is `between`."""
+        inside = clock.seconds["step"] + clock.seconds["host"] + clock.seconds["checkpoints"]
+        clock.add("between", max(0.0, time.perf_counter() - started - (inside - before)))
+
+    before = clock.seconds["step"] + clock.seconds["host"] + clock.seconds["checkpoints"]
     for step in tr.steps():
+        clock.add("step", step.seconds - step.host_seconds)
+        clock.add("host", step.host_seconds)
         while step.step == faults.hang_at_step:
             time.sleep(3600)  # no beat, no checkpoint, deaf to SIGTERM: only SIGKILL ends it
         heartbeat.beat()
         images += step.images
         if faults.step_delay:
             time.sleep(faults.step_delay)
-        if main and (step.step % LOSS_EVERY == 0 or step.step == end):
-            journal.append(LossLogged(run_id=run_id, step=step.step, loss=step.loss, lr=step.lr,
-                                      images_per_s=round(step.images_per_s, 2)))
-            log.info("step", run_id=run_id, step=step.step, loss=round(step.loss, 6),
-                     lr=step.lr, images_per_s=round(step.images_per_s, 2))
-        if writer is not None:
-            writer.add_scalar(f"{run_id}/loss", step.loss, step.step)
-            writer.add_scalar(f"{run_id}/lr", step.lr, step.step)
-            writer.add_scalar(f"{run_id}/images_per_s", step.images_per_s, step.step)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.2e}",
-                            img_s=f"{step.images_per_s:.1f}")
+        if main:
+            losses.add(step, logged=step.step % LOSS_EVERY == 0 or step.step == end)
         if (step.step - run.start_step) % t.save_steps == 0 or step.step == end:
-            ctx.save_checkpoint()
-            last_saved = step.step
+            checkpoint_now()
         if stop:  # each process gets the signal at its own moment: agree on the step
             tr.accelerator.set_trigger()
         if tr.accelerator.check_trigger() and step.step != end:
             if last_saved != step.step:
-                ctx.save_checkpoint()
+                checkpoint_now()
+            with clock.phase("checkpoints"):
+                ctx.checkpoints.wait()  # durable before the process exits
+            losses.close()
+            losses.close_writer()
+            loop_over()
             by = stop.signal or "sent to another process"
             _log(f"run {run_id}: stopped by signal {by} at step {step.step}; checkpoint saved")
             return Outcome(STOPPED, step.step)
-    if bar is not None:
-        bar.close()
     if last_saved != tr.global_step:  # e.g. resumed from the final checkpoint: nothing to save
-        ctx.save_checkpoint()
+        checkpoint_now()
+    losses.close()
+    loop_over()
     elapsed = time.perf_counter() - started
     if images:
         _log(f"run {run_id}: {tr.local_step} steps, {images / max(elapsed, 1e-9):.1f} images/s")
 
-    losses = tr.validate(ctx.val_data)
+    with clock.phase("validation"):
+        val = _validation(ctx, tr.validate(ctx.val_data), parent_val)
+    if losses.writer is not None and val["val_loss"] is not None:
+        losses.writer.add_scalar(f"{run_id}/val_loss", val["val_loss"], tr.global_step)
+    losses.close_writer()
+    with clock.phase("checkpoints"):
+        ctx.checkpoints.wait()  # the last one was written while validating
+    with heartbeat.phase():  # exporting, publishing and sampling call into other packages
+        with clock.phase("publishing"):
+            version = publish(ctx, val) if main else None
+        if version is not None and ctx.config.samples.enabled:
+            # samples never fail the run: render_samples journals its own errors
+            unwrap = tr.accelerator.unwrap_model
+            with clock.phase("samples"):
+                render_samples(
+                    journal, ctx.config, version,
+                    unet=unwrap(tr.unet, keep_fp32_wrapper=False),
+                    text_encoder=(unwrap(tr.text_encoder, keep_fp32_wrapper=False)
+                                  if tr.train_text else ctx.train_data.text_encoder),
+                    vae=ctx.train_data.vae, tokenizer=ctx.train_data.tokenizer,
+                    scheduler=tr.noise_scheduler,
+                )
+    return Outcome(FINISHED, tr.global_step, version, val)
+
+
+def _validation(ctx: RunContext, losses: list[float],
+                parent_val: list[float] | None) -> dict[str, Any]:
+    """The version's validation losses, with the parent's on the batches it knew."""
     val = _val_losses(ctx.val_data.items, losses, ctx.parent_known)
     val["parent_val_loss_known"], val["parent_val_loss_per_batch"] = None, {}
     if parent_val is not None:  # the gate compares each batch the parent knew on its own too
@@ -385,24 +455,54 @@ def execute(config: Config, journal: Journal, run_id: str, *, progress: bool = F
         val["parent_val_loss_known"] = before["val_loss_known"]
         val["parent_val_loss_per_batch"] = {
             b: v for b, v in before["val_loss_per_batch"].items() if b in ctx.parent_known}
-    if writer is not None:
-        if val["val_loss"] is not None:
-            writer.add_scalar(f"{run_id}/val_loss", val["val_loss"], tr.global_step)
-        writer.close()
-    with heartbeat.phase():  # exporting, publishing and sampling call into other packages
-        version = publish(ctx, val) if main else None
-        if version is not None and ctx.config.samples.enabled:
-            # samples never fail the run: render_samples journals its own errors
-            unwrap = tr.accelerator.unwrap_model
-            render_samples(
-                journal, ctx.config, version,
-                unet=unwrap(tr.unet, keep_fp32_wrapper=False),
-                text_encoder=(unwrap(tr.text_encoder, keep_fp32_wrapper=False)
-                              if tr.train_text else ctx.train_data.text_encoder),
-                vae=ctx.train_data.vae, tokenizer=ctx.train_data.tokenizer,
-                scheduler=tr.noise_scheduler,
-            )
-    return Outcome(FINISHED, tr.global_step, version, val)
+    return val
+
+
+class LossLog:
+    """The loss as the run goes: `LossLogged` every LOSS_EVERY steps, journaled together at most
+    once per FLUSH_EVERY_S (one durable commit, not one per point), and before every checkpoint
+    and at the end; the same points go to the log, TensorBoard and the progress bar. Only the
+    logged steps read the loss from the device."""
+
+    def __init__(self, journal: Journal, run_id: str, writer: Any, bar: Any) -> None:
+        self.journal, self.run_id, self.writer, self.bar = journal, run_id, writer, bar
+        self.pending: list[LossLogged] = []
+        self.flushed = time.monotonic()
+
+    def add(self, step: Step, *, logged: bool) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if not logged:
+            return
+        loss, rate = step.loss, round(step.images_per_s, 2)
+        self.pending.append(LossLogged(run_id=self.run_id, step=step.step, loss=loss,
+                                       lr=step.lr, images_per_s=rate))
+        log.info("step", run_id=self.run_id, step=step.step, loss=round(loss, 6), lr=step.lr,
+                 images_per_s=rate)
+        if self.writer is not None:
+            for name, value in (("loss", loss), ("lr", step.lr), ("images_per_s", rate)):
+                self.writer.add_scalar(f"{self.run_id}/{name}", value, step.step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{step.lr:.2e}", img_s=f"{rate:.1f}")
+        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.journal.append(*self.pending)
+            self.pending = []
+        self.flushed = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def train_loss(losses: list[float], steps_per_epoch: int) -> float | None:
@@ -423,7 +523,7 @@ def publish(ctx: RunContext, val: dict[str, Any]) -> str:
         step=tr.global_step,
         steps=ctx.run.total_steps,
         epochs=tr.epochs_trained(ctx.run.total_steps),  # less than planned under max_steps
-        train_loss=train_loss(tr.losses, tr.steps_per_epoch),
+        train_loss=train_loss(tr.loss_history(), tr.steps_per_epoch),
         images=len(ctx.train_data),
         validation_images=len(ctx.val_data),
         manifest=manifest(ctx.journal, ctx.train_data.items),

@@ -65,10 +65,21 @@ def generator(*parts: object) -> torch.Generator:
 @dataclass(frozen=True)
 class Step:
     step: int  # global step after this optimizer step
-    loss: float  # mean over the step's micro-batches
+    loss_tensor: torch.Tensor  # mean over the step's micro-batches (and processes), 0-dim
     lr: float
     images: int  # images seen in this step
-    images_per_s: float
+    seconds: float  # the step, wall clock
+    host_seconds: float  # of which the step's own Python: batch, generator, bookkeeping
+
+    @property
+    def loss(self) -> float:
+        """The loss as a number: reading it waits for the step (a device sync), so only the
+        steps that are logged read it."""
+        return float(self.loss_tensor.item())
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
 
 
 class Trainer:
@@ -149,7 +160,8 @@ class Trainer:
             num_training_steps=run.total_steps,
         )
         self.local_step = 0  # optimizer steps done in this run
-        self.losses: list[float] = []  # one per optimizer step, kept in checkpoints
+        self.losses: list[float] = []  # one per optimizer step read so far, in checkpoints
+        self._unread: list[torch.Tensor] = []  # the steps' losses not yet read from the device
 
     # -- adapter ------------------------------------------------------------------------------
 
@@ -238,40 +250,56 @@ class Trainer:
         return F.mse_loss(pred.float(), noise.float(), reduction="mean")
 
     def steps(self) -> Iterator[Step]:
-        """Run the remaining optimizer steps, yielding after each one."""
+        """Run the remaining optimizer steps, yielding after each one. Nothing here waits for
+        the device: the loss stays a tensor until someone reads it (`Step.loss`)."""
         self.unet.train()
         models = [self.unet, self.text_encoder] if self.train_text else [self.unet]
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         while self.local_step < self.run.total_steps:
             started = time.perf_counter()
+            compute = 0.0  # forward, backward, optimizer: the rest of the step is host work
             losses, images = [], 0
             epoch, window = self.window(self.local_step)
+            order = self.order(epoch)
             for j, pos in enumerate(window):
-                indices = self.micro_batch(epoch, pos)
+                indices = order[pos * self.batch_size : (pos + 1) * self.batch_size]
                 # under `accelerate launch`, each process takes its share of the micro-batch
                 # (one item at least: every process must step, so a short tail repeats one)
                 mine = indices[rank::world] or [indices[rank % len(indices)]]
                 latents, cond = self.data.batch(mine)
                 # noise and timesteps: drawn from (seed, global step, micro-batch) alone
                 gen = generator(self.run.seed, "noise", self.global_step + 1, j, rank)
+                mark = time.perf_counter()
                 with contextlib.ExitStack() as stack:
                     if j < len(window) - 1:  # processes average gradients once, on the last
                         for model in models:
                             stack.enter_context(self.accelerator.no_sync(model))
                     loss = self._loss(latents, cond, gen)
                     self.accelerator.backward(loss / len(window))
-                losses.append(self.accelerator.reduce(loss.detach(), "mean").item())
+                compute += time.perf_counter() - mark
+                losses.append(loss.detach())
                 images += len(indices)
+            mark = time.perf_counter()
             self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            compute += time.perf_counter() - mark
+            mean = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            if world > 1:
+                mean = self.accelerator.reduce(mean, "mean")
             lr = self.lr_scheduler.get_last_lr()[0]
             self.local_step += 1
-            mean = sum(losses) / len(losses)
-            self.losses.append(mean)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            yield Step(self.global_step, mean, lr, images, images / elapsed)
+            self._unread.append(mean)
+            elapsed = time.perf_counter() - started
+            yield Step(self.global_step, mean, lr, images, elapsed, max(0.0, elapsed - compute))
+
+    def loss_history(self) -> list[float]:
+        """The mean loss of every optimizer step of this run so far (one device sync)."""
+        if self._unread:
+            self.losses += torch.stack(self._unread).float().cpu().tolist()
+            self._unread = []
+        return self.losses
 
     # -- validation ---------------------------------------------------------------------------
 

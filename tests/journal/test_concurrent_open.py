@@ -3,9 +3,12 @@ test harness polling) all get the journal: none is refused with "database is loc
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
-from lora_service.journal.sqlite import Journal
+import pytest
+
+from lora_service.journal.sqlite import Journal, JournalError, NoJournal
 
 OPENERS = 4
 ROUNDS = 60
@@ -30,3 +33,16 @@ def test_a_fresh_state_opened_by_several_processes_at_once(tmp_path: Path) -> No
             answers = pool.starmap(_open, [(state, barrier)] * OPENERS)
             problems += [answer for answer in answers if answer]
     assert problems == []
+
+
+def test_a_reader_of_a_journal_still_being_created_sees_no_state(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    sqlite3.connect(state / "journal.sqlite").execute("PRAGMA journal_mode = WAL").close()
+    with pytest.raises(NoJournal, match="no state at .*being created|daemon is creating it"):
+        Journal.for_state(state, mode="read")
+    other = sqlite3.connect(state / "journal.sqlite")
+    other.execute("CREATE TABLE t (x)")
+    other.close()
+    with pytest.raises(JournalError, match="not a lora-service journal"):
+        Journal.for_state(state, mode="read")
