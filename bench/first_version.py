@@ -13,7 +13,6 @@ went. With `--batches 2` a second batch is dropped after the first version: an i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from PIL import Image
 
 from lora_service.journal import Journal
 from lora_service.journal.sqlite import NoJournal
+from lora_service.training.timing import logged
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300.0
@@ -65,16 +65,6 @@ def make_batch(folder: Path, name: str, shift: int) -> None:
         (folder / f"{name}{i}.txt").write_text(f"a photo of a {name}, style {i}")
 
 
-def timings(log: Path, run_id: str) -> dict[str, float]:
-    found: dict[str, float] = {}
-    for line in log.read_text().splitlines():
-        if '"run timings"' in line:
-            record = json.loads(line)
-            if record.get("run_id") == run_id:
-                found = record["seconds"]
-    return found
-
-
 def report(state: Path, dropped: float, version: str) -> float:
     """Print the drop -> version breakdown; return drop -> VersionCreated seconds."""
     seen = events(state)
@@ -100,7 +90,7 @@ def report(state: Path, dropped: float, version: str) -> float:
     for label, ts in marks:
         print(f"  {label:26s} +{ts - last:6.2f} s   (at {ts - dropped:6.2f} s)")
         last = ts
-    child = timings(state / "logs" / "train.log", run_id)
+    child = logged(state / "logs" / "train.log", run_id)
     if child:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in child.items() if v >= 0.005 and k != "total")
         print(f"  training child (s): {shown}; total {child['total']:.2f}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -51,8 +50,10 @@ from lora_service.config import Config, load_config  # noqa: E402
 from lora_service.daemon.child import Child  # noqa: E402
 from lora_service.daemon.plan import plan_run  # noqa: E402
 from lora_service.journal import Journal  # noqa: E402
+from lora_service.logs import log_file  # noqa: E402
 from lora_service.models import base_model  # noqa: E402
 from lora_service.training.data import load_pixels  # noqa: E402
+from lora_service.training.timing import logged  # noqa: E402
 
 BATCH = 4
 LONG = 5  # the long run's length in short runs: the difference is (LONG - 1) x N steps
@@ -101,18 +102,7 @@ def child_run(config: Config) -> tuple[float, dict[str, float]]:
                 else:
                     ended = timestamp(stored.ts)
     assert started is not None and ended is not None, run.run_id
-    return ended - started, timings(config, run.run_id)
-
-
-def timings(config: Config, run_id: str) -> dict[str, float]:
-    log = config.logging.file or config.paths.state / "logs" / "train.log"
-    found: dict[str, float] = {}
-    for line in log.read_text().splitlines():
-        if '"run timings"' in line:
-            record = json.loads(line)
-            if record.get("run_id") == run_id:
-                found = record["seconds"]
-    return found
+    return ended - started, logged(log_file(config), run.run_id)
 
 
 def _lora_unet(unet: Any, config: Config) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:

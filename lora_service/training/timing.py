@@ -14,9 +14,11 @@ On a GPU `step` ends when the host has queued the work (nothing here synchronise
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 PHASES = ("start-up", "base model", "cache", "set-up", "parent validation", "step", "host",
           "between", "checkpoints", "validation", "publishing", "samples")
@@ -59,3 +61,15 @@ class Stopwatch:
         out["other"] = round(max(0.0, total - sum(self.seconds.values())), 3)
         out["total"] = round(total, 3)
         return out
+
+
+def logged(log_file: Path, run_id: str) -> dict[str, float]:
+    """The seconds of the last `run timings` line of `run_id` in a JSON log file ({} if none)."""
+    found: dict[str, float] = {}
+    with open(log_file, encoding="utf-8") as fh:
+        for line in fh:
+            if '"run timings"' in line:
+                record = json.loads(line)
+                if record.get("run_id") == run_id:
+                    found = record["seconds"]
+    return found

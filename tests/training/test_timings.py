@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 from lora_service.daemon.plan import plan_run
 from lora_service.journal import Journal
 from lora_service.models.base_model import materialise, register
-from lora_service.training import checkpoint
+from lora_service.training import checkpoint, timing
 from lora_service.training.run import LOSS_EVERY
-from lora_service.training.timing import PHASES
 
 from .conftest import add_batch, run_child, write_tiny_config
 
@@ -59,15 +58,16 @@ def test_a_run_logs_its_time_breakdown_every_loss_point_and_its_checkpoints_in_o
     assert all(torch.equal(version[key], final[key]) for key in version)
     assert LOSS_EVERY == 5
 
-    lines = [json.loads(line) for line in (state / "logs" / "train.log").read_text().splitlines()
-             if '"run timings"' in line]
+    log = state / "logs" / "train.log"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if '"run timings"' in line]
     assert [line["run_id"] for line in lines] == [run.run_id]
     seconds = lines[0]["seconds"]
-    assert set(seconds) == {*PHASES, "other", "total"}
+    assert timing.logged(log, run.run_id) == seconds
+    assert set(seconds) == {*timing.PHASES, "other", "total"}
     assert all(value >= 0 for value in seconds.values())
     assert seconds["start-up"] > 0.5  # the interpreter and torch's imports, from process start
     assert seconds["step"] > 0 and seconds["checkpoints"] > 0 and seconds["publishing"] > 0
     assert seconds["parent validation"] == 0  # a first run has no parent
-    phases = sum(seconds[name] for name in PHASES)
+    phases = sum(seconds[name] for name in timing.PHASES)
     assert abs(phases + seconds["other"] - seconds["total"]) < 0.01
     assert seconds["other"] < 0.25 * seconds["total"]
