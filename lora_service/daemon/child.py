@@ -159,7 +159,10 @@ class Child:
             sys.stderr.write(line)
         sys.stderr.flush()
         if self.on_exit is not None:
-            self.proc.wait()  # stderr closes as it exits: reaped by now or in a moment
+            # stderr closes as it exits: wait for that without reaping it (the supervisor's
+            # poll does, so its pid is never freed while `ask_to_stop` may still signal it)
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
             self.on_exit()
 
     def poll(self) -> int | None:

@@ -224,6 +224,10 @@ class Writer:
         except BaseException as exc:  # noqa: BLE001  (raised in the training thread)
             self._error = exc
 
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Until the last checkpoint is durable and journaled; its failure, if it failed."""
         if self._thread is not None:

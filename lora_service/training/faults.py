@@ -4,6 +4,8 @@ hidden), never through the environment: the seam is visible where the child is s
 - `step-delay=S`: sleep S seconds after every step (time for a test to kill or stop the run);
 - `hang-at-step=N`: hang at step N, deaf to SIGTERM and without heartbeat (a stalled child);
 - `crash-in-checkpoint=N`: SIGKILL half-way through writing step N's checkpoint (a power cut);
+- `slow-checkpoint=S`: each checkpoint's writer sleeps S seconds first (a slow disk: the steps
+  after a checkpoint run while it is still being written);
 - `segv`: die by SIGSEGV before training (a crashing child).
 """
 
@@ -18,6 +20,7 @@ class Faults:
     step_delay: float = 0.0
     hang_at_step: int | None = None
     crash_in_checkpoint: int | None = None
+    slow_checkpoint: float = 0.0
     segv: bool = False
 
     @classmethod

@@ -27,7 +27,6 @@ stall watch sees.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -53,7 +52,7 @@ from lora_service.logs import get_logger
 from lora_service.models import base_model
 from lora_service.models.adapters import TEXT_ENCODER_DIR, TrainedAdapter, load_peft_into
 from lora_service.models.render import render_samples
-from lora_service.store import sha256_bytes
+from lora_service.store import disk_trouble, sha256_bytes
 from lora_service.training import checkpoint, heartbeat
 from lora_service.training.data import EncodedData, Item
 from lora_service.training.faults import Faults
@@ -235,10 +234,10 @@ class RunContext:
             "losses": tr.loss_history(),
         }
 
-    def save_checkpoint(self, *, wait: bool = False) -> None:
+    def save_checkpoint(self) -> None:
         """Snapshot the training state now; write and journal it in the background
-        (`checkpoint.Writer`), or before returning with `wait`. Main process only: the others
-        wait for it to take the snapshot."""
+        (`checkpoint.Writer`; `self.checkpoints.wait()` for it to land). Main process only: the
+        others wait for it to take the snapshot."""
         tr = self.trainer
         if not tr.accelerator.is_main_process:
             tr.accelerator.wait_for_everyone()
@@ -254,11 +253,10 @@ class RunContext:
             "rng": torch.get_rng_state(),
         }
         self.checkpoints.submit(lambda: self._write_checkpoint(**taken))
-        if wait:
-            self.checkpoints.wait()
         tr.accelerator.wait_for_everyone()
 
     def _write_checkpoint(self, step: int, **state: Any) -> None:
+        time.sleep(self.faults.slow_checkpoint)
         folder, files = checkpoint.save(self.state_dir, self.run.run_id, step,
                                         crash_at_step=self.faults.crash_in_checkpoint, **state)
         keep = self.run_config.train.keep_checkpoints
@@ -340,15 +338,22 @@ def _execute(config: Config, journal: Journal, run_id: str, clock: Stopwatch, *,
     run = find_run(journal, run_id)
     with heartbeat.phase():  # base model, pipeline: one slow load, nothing to beat inside
         ctx = RunContext(config, journal, run, faults, clock)
+    losses = LossLog(journal, run_id, ctx.checkpoints,
+                     _tensorboard(ctx) if ctx.trainer.accelerator.is_main_process else None)
     try:
-        return _train(ctx, progress=progress, stop=stop)
-    except BaseException:
-        with contextlib.suppress(BaseException):  # its own failure would hide this one
-            ctx.checkpoints.wait()  # a checkpoint being written lands before RunFailed
+        return _train(ctx, losses, progress=progress, stop=stop)
+    except BaseException as exc:
+        try:  # what was measured and written before the failure lands before RunFailed
+            ctx.checkpoints.wait()
+            losses.flush()
+            losses.close_writer()
+        except BaseException as also:
+            if disk_trouble(also) is not None and disk_trouble(exc) is None:
+                raise also from exc  # the disk's fault decides the exit status (75)
         raise
 
 
-def _train(ctx: RunContext, *, progress: bool, stop: StopFlag) -> Outcome:
+def _train(ctx: RunContext, losses: LossLog, *, progress: bool, stop: StopFlag) -> Outcome:
     journal, run, run_id, clock = ctx.journal, ctx.run, ctx.run.run_id, ctx.clock
     tr = ctx.trainer
     if tr.warmup_steps:
@@ -366,18 +371,19 @@ def _train(ctx: RunContext, *, progress: bool, stop: StopFlag) -> Outcome:
         ctx.resume()
     t = ctx.run_config.train
     main = tr.accelerator.is_main_process  # only it writes the journal, logs and versions
-    losses = LossLog(journal, run_id, _tensorboard(ctx) if main else None,
-                     _progress_bar(run, tr.local_step) if progress and main else None)
+    if progress and main:
+        losses.bar = _progress_bar(run, tr.local_step)
     last_saved = tr.global_step if tr.local_step else None
     end = run.start_step + run.total_steps
     started, images = time.perf_counter(), 0
     faults = ctx.faults
 
-    def checkpoint_now(wait: bool = False) -> None:
+    def checkpoint_now() -> None:
         nonlocal last_saved
         with clock.phase("checkpoints"):
+            ctx.checkpoints.wait()  # the previous one is journaled before later loss points
             losses.flush()  # the journal shows every step the checkpoint holds
-            ctx.save_checkpoint(wait=wait)
+            ctx.save_checkpoint()
         last_saved = tr.global_step
 
     def loop_over() -> None:
@@ -461,11 +467,15 @@ def _validation(ctx: RunContext, losses: list[float],
 class LossLog:
     """The loss as the run goes: `LossLogged` every LOSS_EVERY steps, journaled together at most
     once per FLUSH_EVERY_S (one durable commit, not one per point), and before every checkpoint
-    and at the end; the same points go to the log, TensorBoard and the progress bar. Only the
-    logged steps read the loss from the device."""
+    and at the end — never while a checkpoint is being written, so its `CheckpointSaved` comes
+    before the points of later steps; the same points go to the log, TensorBoard and the
+    progress bar. Only the logged steps read the loss from the device."""
 
-    def __init__(self, journal: Journal, run_id: str, writer: Any, bar: Any) -> None:
-        self.journal, self.run_id, self.writer, self.bar = journal, run_id, writer, bar
+    def __init__(self, journal: Journal, run_id: str, checkpoints: checkpoint.Writer,
+                 writer: Any) -> None:
+        self.journal, self.run_id, self.checkpoints = journal, run_id, checkpoints
+        self.writer: Any = writer
+        self.bar: Any = None
         self.pending: list[LossLogged] = []
         self.flushed = time.monotonic()
 
@@ -484,7 +494,7 @@ class LossLog:
                 self.writer.add_scalar(f"{self.run_id}/{name}", value, step.step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{step.lr:.2e}", img_s=f"{rate:.1f}")
-        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+        if time.monotonic() - self.flushed >= FLUSH_EVERY_S and not self.checkpoints.busy:
             self.flush()
 
     def flush(self) -> None:

@@ -3,8 +3,8 @@
 A run's wall time is start-up (interpreter and imports, from the process's own start time),
 base model, cache (encoding or reading latents), set-up (LoRA, accelerate, resume), the
 parent's validation, the steps — split into `step` (forward, backward, optimizer), `host`
-(the step's own Python: picking the batch, drawing noise, reading the loss) and `between`
-(what the loop does after a step: journal, heartbeat, TensorBoard) — `checkpoints`,
+(the step's own Python: picking the batch, its generator, bookkeeping) and `between` (what
+the loop does after a step: reading a logged loss, journal, heartbeat, TensorBoard) — `checkpoints`,
 `validation`, `publishing` and `samples`. `bench/train.py` reads the line from the log file; an
 operator reads it to see why a run was slow. Time spent in no phase is `other`.
 

@@ -290,7 +290,8 @@ class Trainer:
                 mean = self.accelerator.reduce(mean, "mean")
             lr = self.lr_scheduler.get_last_lr()[0]
             self.local_step += 1
-            self._unread.append(mean)
+            if self.accelerator.is_main_process:  # the one that logs and checkpoints
+                self._unread.append(mean)
             elapsed = time.perf_counter() - started
             yield Step(self.global_step, mean, lr, images, elapsed, max(0.0, elapsed - compute))
 
@@ -299,7 +300,7 @@ class Trainer:
         if self._unread:
             self.losses += torch.stack(self._unread).float().cpu().tolist()
             self._unread = []
-        return self.losses
+        return list(self.losses)  # a copy: a checkpoint being written holds the one it took
 
     # -- validation ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ def test_a_run_logs_its_time_breakdown_every_loss_point_and_its_checkpoints_in_o
         run = plan_run(journal, config)
         assert run is not None and run.total_steps == 12
         journal.append(run)
-    run_child(config, run.run_id)
+    run_child(config, run.run_id, "slow-checkpoint=0.5")  # the next steps outrun each write
 
     with Journal.for_state(state, mode="read") as journal:
         stored = [(e.type, e.payload) for e in journal.events(
@@ -44,6 +44,14 @@ def test_a_run_logs_its_time_breakdown_every_loss_point_and_its_checkpoints_in_o
     saved = [p["step"] for t, p in stored if t == "CheckpointSaved"]
     assert saved == [5, 10, 12]
     assert [t for t, _ in stored][-1] == "VersionCreated"
+    # a checkpoint is journaled before the loss points of later steps (`status` never goes back)
+    for i, (type_, payload) in enumerate(stored):
+        if type_ == "CheckpointSaved":
+            assert all(p["step"] <= payload["step"] for t, p in stored[:i] if t == "LossLogged")
+    # each checkpoint holds the losses of its own steps, none of later ones (they are written
+    # by a thread while the next steps run)
+    for ckpt in checkpoint.all_checkpoints(state, run.run_id):
+        assert len(ckpt.state()["losses"]) == ckpt.step
     # every point the journal shows is the loss the run recorded for that step
     last = checkpoint.latest_valid(state, run.run_id)[0]
     assert last is not None and last.step == 12
