@@ -182,21 +182,17 @@ def render_samples(
     config: Config,
     version: str,
     *,
-    unet: torch.nn.Module | None = None,
-    text_encoder: torch.nn.Module | None = None,
-    vae: torch.nn.Module | None = None,
-    tokenizer: Any = None,
-    scheduler: Any = None,
     force: bool = False,
     fault: Callable[[], None] | None = None,
+    **held: Any,
 ) -> SamplesRendered | None:
     """Render and journal the version's samples; never raises (see the module docstring).
 
-    `unet`/`text_encoder` (with the version's adapter), `vae`, `tokenizer`, `scheduler`: what
-    the training child holds, passed to save loading them (see `Renderer`). Returns the
-    journaled event, or None when the same samples are already journaled and verify (a child
-    restarted after publishing does not render twice) — `force` renders anyway. `fault`: tests
-    only, called before rendering (a failure to inject)."""
+    `held`: `Renderer`'s `unet`/`text_encoder` (with the version's adapter), `vae`,
+    `tokenizer`, `scheduler` — what the training child holds, passed to save loading them.
+    Returns the journaled event, or None when the same samples are already journaled and
+    verify (a child restarted after publishing does not render twice) — `force` renders anyway.
+    `fault`: tests only, called before rendering (a failure to inject)."""
     log = get_logger("lora_service.samples")
     s = config.samples
     started = time.perf_counter()
@@ -205,16 +201,7 @@ def render_samples(
             return None
         if fault is not None:
             fault()
-        renderer = Renderer(
-            journal,
-            config,
-            version,
-            unet=unet,
-            text_encoder=text_encoder,
-            vae=vae,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-        )
+        renderer = Renderer(journal, config, version, **held)
         folder = config.paths.state / version_dir(version) / SAMPLES_DIR
         rel = f"{version_dir(version)}/{SAMPLES_DIR}"
         files: dict[str, str] = {}
