@@ -17,7 +17,10 @@ For each resolution, with the embedded tiny model, 8 images, batch 4 and 2 threa
 Each child logs `run timings` (training/timing.py); both runs' breakdowns are printed, with
 between-steps time as a share of step time (goal <= 3 %). Every measurement is a fresh process
 (the reference loops too: on a small VM the speed of 2 threads varies from process to process);
-they are interleaved and each keeps its best time, since the machine may be shared.
+they are interleaved and each keeps its best time, since the machine may be shared. A VM's
+speed also drifts by +-10 % over minutes (measured: the same bare loop at 73-103 img/s within and
+across processes), so each repeat's run is also compared with the loops measured next to it, and
+the median of those paired ratios is printed too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import io
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,7 +202,9 @@ def bench(resolution: int, steps: int, threads: int, repeats: int) -> dict[str, 
         child_run(short)  # warm-up: the latent cache, the page cache
         best: dict[str, float] = {}
         report: dict[str, dict[str, float]] = {}
+        paired: dict[str, list[float]] = {"bare": [], "example": []}  # run / loop, per repeat
         for _ in range(repeats):
+            now: dict[str, float] = {}
             for name, measure in (
                 ("bare", lambda: (loop_in_a_fresh_process("bare", short, (LONG - 1) * steps,
                                                           threads), {})),
@@ -208,8 +214,11 @@ def bench(resolution: int, steps: int, threads: int, repeats: int) -> dict[str, 
                 ("run long", lambda: child_run(long)),
             ):
                 secs, seconds = measure()
+                now[name] = secs
                 if secs < best.get(name, float("inf")):
                     best[name], report[name] = secs, seconds
+            for name in paired:  # same minutes of the machine's speed: drift cancels
+                paired[name].append(now[name] / (now["run long"] - now["run N"]))
     images = (LONG - 1) * steps * BATCH
     rates = {"run": images / (best["run long"] - best["run N"]),
              "bare": images / best["bare"], "example": images / best["example"]}
@@ -231,6 +240,10 @@ def bench(resolution: int, steps: int, threads: int, repeats: int) -> dict[str, 
     print(f"  run / example   = {rates['run'] / rates['example']:.3f}   (goal >= 2.0; ceiling "
           f"bare / example = {rates['bare'] / rates['example']:.3f})")
     print(f"  between steps   = {between * 100:.2f} % of step time   (goal <= 3 %)")
+    print(f"  paired, median of {repeats} repeats: run / bare = "
+          f"{statistics.median(paired['bare']):.3f}, run / example = "
+          f"{statistics.median(paired['example']):.3f}  (each repeat's run against the loops "
+          f"measured next to it: {', '.join(f'{r:.2f}' for r in paired['bare'])})")
     return rates
 
 
