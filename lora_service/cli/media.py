@@ -1,4 +1,4 @@
-"""Commands that render or label images: `sample`, `compare`, `label`."""
+"""Commands that render, label or draw images: `sample`, `compare`, `label`, `example-batch`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lora_service import world
 from lora_service.cli.common import config_option, echo, load, open_journal
 from lora_service.daemon.child import run_once
 from lora_service.inbox.labeller import ChildLabeller, label_folder
@@ -91,4 +92,40 @@ def label(config_path: Path, directory: Path) -> None:
     echo(f"{sum(c is not None for c in written.values())} caption(s) written in {directory}")
 
 
-COMMANDS = [sample, compare, label]
+def _choices(known: tuple[str, ...]) -> click.Choice:
+    return click.Choice(known, case_sensitive=False)
+
+
+@click.command("example-batch")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shape", "shapes", multiple=True, type=_choices(world.SHAPES),
+              help=f"Shapes to draw (repeat) [default: {', '.join(world.BASE_SHAPES)}]; "
+                   f"{', '.join(world.NEW_SHAPES)} are words builtin:shapes-sd never saw.")
+@click.option("--colour", "colours", multiple=True, type=_choices(tuple(world.COLOURS)),
+              help="Colours to draw (repeat) [default: all].")
+@click.option("--hollow", type=click.Choice(["no", "yes", "mixed"]), default="no",
+              show_default=True, help="Draw outlines only (a style the base never saw).")
+@click.option("-n", "--count", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(16, 1024), default=64, show_default=True,
+              help="Image side in pixels.")
+@click.option("--ready/--no-ready", default=True, show_default=True,
+              help="Write the READY marker last, so an inbox takes the folder whole.")
+def example_batch(directory: Path, shapes: tuple[str, ...], colours: tuple[str, ...],
+                  hollow: str, count: int, seed: int, size: int, ready: bool) -> None:
+    """Draw a captioned batch from the procedural world `builtin:shapes-sd` learned from.
+
+    Each image gets a caption sidecar ("a red zorb on a gray background"). Draw it outside the
+    inbox and move it in, or into the inbox directly: the READY marker comes last.
+    """
+    if directory.exists() and any(directory.iterdir()):
+        raise click.UsageError(f"{directory}: exists and is not empty; name a new folder")
+    chosen = world.scenes(count, seed, shapes=shapes or world.BASE_SHAPES,
+                          colours=colours or tuple(world.COLOURS),
+                          hollow={"no": False, "yes": True, "mixed": None}[hollow])
+    world.write_batch(directory, chosen, size, ready="READY" if ready else None)
+    echo(f"wrote {count} images with captions to {directory}"
+         + (" (and READY)" if ready else ""))
+
+
+COMMANDS = [sample, compare, label, example_batch]
