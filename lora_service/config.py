@@ -267,7 +267,8 @@ class Config(Section):
     paths: Paths = Paths()
     base_model: str = Field(
         default="builtin:tiny-sd",
-        description="builtin:tiny-sd, a local diffusers folder or a local .safetensors file",
+        description="builtin:shapes-sd (pretrained, draws), builtin:tiny-sd (random, for tests), "
+                    "a local diffusers folder or a local .safetensors file",
     )
     lora: Lora = Lora()
     train: Train = Train()

@@ -260,6 +260,9 @@ class SamplesRendered(Event):
     # steps, guidance_scale, size, negative_prompt, scheduler, threads: stored samples are
     # reused (compare) only when these match what would be rendered now
     settings: dict[str, Any] = Field(default_factory=dict)
+    # the base model's judge (builtin:shapes-sd ships one) on these samples, per concept the
+    # prompts name: {"zorb": {"shows": 0.75, "colour": 1.0, "images": 4}}; {} without a judge
+    judged: dict[str, dict[str, int | float]] = Field(default_factory=dict)
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -700,3 +700,17 @@ def loss_tail(journal: Journal, runs: Sequence[tuple[str, str | None]],
         finally:
             rows.close()
     return tail[::-1]
+
+
+def judged(journal: Journal) -> dict[str, dict[str, dict[str, float]]]:
+    """version -> the judge's scores of its latest successfully rendered samples (versions
+    whose base has no judge are absent)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for stored in journal.events(types=("SamplesRendered",)):
+        p = stored.payload
+        if not p.get("error"):
+            if p.get("judged"):
+                out[p["version"]] = p["judged"]
+            else:
+                out.pop(p["version"], None)
+    return out

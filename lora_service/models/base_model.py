@@ -1,11 +1,14 @@
-"""Base models: the embedded `builtin:tiny-sd`, a local diffusers folder, a single-file SD 1.x.
+"""Base models: the embedded builtins, a local diffusers folder, a single-file SD 1.x.
 
 Public API (others call these):
-- `materialise(spec, state_dir) -> BaseModel`: `builtin:tiny-sd` is built offline from
-  `lora_service.models.tiny_sd` (configs) and `torch.manual_seed(tiny_sd.SEED)`, written once
-  to `state/base/tiny-sd/` as a normal diffusers folder (`StableDiffusionPipeline.save_pretrained`
-  into a temporary sibling, fsynced, renamed); a local diffusers folder or a single-file
-  `.safetensors` checkpoint is used in place. Nothing ever reaches a model hub.
+- `materialise(spec, state_dir) -> BaseModel`: `builtin:tiny-sd` (random, for mechanical tests)
+  is built offline from `lora_service.models.tiny_sd` (configs) and
+  `torch.manual_seed(tiny_sd.SEED)`; `builtin:shapes-sd` (pretrained, it draws) from the weights
+  shipped in the package (`shapes_sd.py`), checked against their recorded sha256, plus its
+  judge in `judge/`. Either is written once to `state/base/<name>/` as a normal diffusers folder
+  (`StableDiffusionPipeline.save_pretrained` into a temporary sibling, fsynced, renamed); a
+  local diffusers folder or a single-file `.safetensors` checkpoint is used in place. Nothing
+  ever reaches a model hub.
 - `register(journal, base)`: appends `BaseModelRegistered` once per sha256.
 - `load_pipeline_components(base) -> (unet, vae, text_encoder, tokenizer, noise_scheduler)`.
 - `clip_tokenizer()`: the real CLIP tokenizer (49,408 tokens) built from the BPE vocabulary
@@ -21,6 +24,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -36,16 +40,18 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     load_single_file_checkpoint,
 )
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lora_service.errors import UsageError
 from lora_service.journal import Journal, queries
 from lora_service.journal.events import BaseModelRegistered
-from lora_service.models import tiny_sd
+from lora_service.models import shapes_sd, tiny_sd
 from lora_service.store import fsync_dir, fsync_tree, sha256_file
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("tiny-sd",)
+BUILTINS = ("tiny-sd", "shapes-sd")
+JUDGE = Path("judge") / "judge.safetensors"  # inside a base folder that ships one
 Kind = Literal["builtin", "diffusers", "single_file"]
 # shipped diffusers-layout configs a single-file SD 1.x checkpoint is loaded against
 SD15_CONFIG = Path(__file__).with_name("sd15")
@@ -127,12 +133,55 @@ def build_tiny_sd() -> Any:
     )
 
 
-def _write_builtin(target: Path) -> None:
+def shapes_text_encoder() -> Any:
+    """`builtin:shapes-sd`'s frozen random text encoder, rebuilt from its seed."""
+    torch.manual_seed(shapes_sd.SEED)
+    return CLIPTextModel(CLIPTextConfig(**shapes_sd.TEXT_ENCODER)).eval()
+
+
+def shipped(name: str, folder: Path = shapes_sd.WEIGHTS_DIR) -> Path:
+    """A shipped weight file of `builtin:shapes-sd`, refused unless its sha256 is the one
+    recorded in `shapes_sd.WEIGHTS`."""
+    path = folder / name
+    want = shapes_sd.WEIGHTS.get(name)
+    if want is None or not path.is_file() or sha256_file(path) != want:
+        raise UsageError(f"builtin:shapes-sd: {path} is missing or not the file that was "
+                         "shipped (sha256 differs); reinstall lora-service")
+    return path
+
+
+def build_shapes_sd() -> Any:
+    """The pretrained builtin: shipped fp16 UNet and VAE (in fp32), the text encoder rebuilt."""
+    modules = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        config = json.loads((shapes_sd.WEIGHTS_DIR / f"{name}.json").read_text())
+        module = cls.from_config(config)
+        state = load_file(shipped(f"{name}.safetensors"))
+        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        modules[name] = module.eval()
+    return StableDiffusionPipeline(
+        vae=modules["vae"],
+        text_encoder=shapes_text_encoder(),
+        tokenizer=clip_tokenizer(),
+        unet=modules["unet"],
+        scheduler=DDPMScheduler(**shapes_sd.SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _write_builtin(name: str, target: Path) -> None:
     """Build into a temporary sibling and rename: the folder appears complete or not at all."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_sd().save_pretrained(tmp, safe_serialization=True)
+    if name == "shapes-sd":
+        build_shapes_sd().save_pretrained(tmp, safe_serialization=True)
+        (tmp / JUDGE).parent.mkdir()
+        shutil.copyfile(shipped("judge.safetensors"), tmp / JUDGE)
+    else:
+        build_tiny_sd().save_pretrained(tmp, safe_serialization=True)
     fsync_tree(tmp)
     try:
         os.replace(tmp, target)
@@ -167,7 +216,7 @@ def materialise(spec: str, state_dir: Path) -> BaseModel:
             )
         target = state_dir / "base" / name
         if not (target / "model_index.json").exists():
-            _write_builtin(target)
+            _write_builtin(name, target)
         digest, hashes = weight_digest(target)
         rel = target.relative_to(state_dir).as_posix()
         files = {f"{rel}/{k}": v for k, v in hashes.items()}
@@ -188,7 +237,8 @@ def materialise(spec: str, state_dir: Path) -> BaseModel:
             )
         return BaseModel(spec, path, "single_file", sha256_file(path))
     raise UsageError(
-        f"base_model: {spec!r} not found (use builtin:tiny-sd, a diffusers folder or a "
+        f"base_model: {spec!r} not found (use builtin:shapes-sd, builtin:tiny-sd, a diffusers "
+        "folder or a "
         ".safetensors file)"
     )
 

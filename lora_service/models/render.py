@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy
@@ -43,6 +44,7 @@ from lora_service.journal.events import SamplesRendered
 from lora_service.logs import get_logger
 from lora_service.models import base_model
 from lora_service.models.adapters import TEXT_ENCODER_DIR, load_peft_into
+from lora_service.models.judge import Judge, asked
 from lora_service.store import atomic_write_bytes
 from lora_service.versions.heads import version_row
 from lora_service.versions.publish import recorded_config
@@ -216,6 +218,9 @@ def render_samples(
                 images[name] = image
                 row.append(image)
             rows.append((f"{i}: {prompt}", row))
+        judged = judge_samples(journal, config.paths.state, renderer.row,
+                               [(prompt, image) for prompt, (_, row) in
+                                zip(s.prompts, rows, strict=True) for image in row])
         headers = [[version, f"seed {seed}"] for seed in s.seeds]
         grid = sheet(headers, rows, s.size)
         files[f"{rel}/{GRID}"] = atomic_write_bytes(folder / GRID, png_bytes(grid))
@@ -226,6 +231,7 @@ def render_samples(
             seconds=round(time.perf_counter() - started, 3),
             settings=asdict(renderer.settings),
             files=dict(sorted(files.items())),
+            judged=judged,
         )
         journal.append(event)
         log.info("samples rendered", version=version, images=len(images), seconds=event.seconds)
@@ -247,6 +253,31 @@ def render_samples(
     if config.logging.tensorboard:
         _tensorboard(config, version, renderer.row, images, grid)
     return event
+
+
+def judge_samples(journal: Journal, state: Path, row: dict[str, Any],
+                  samples: list[tuple[str, Image.Image]]) -> dict[str, dict[str, float]]:
+    """The version's base model's judge on its samples, per concept the prompts name: the share
+    that shows it (shape and style) and the share in the prompt's colour. {} when the base
+    ships no judge or no prompt names a concept of its world."""
+    base = queries.base_model(journal, row["base_sha256"]) or {}
+    path = Path(base.get("path") or "")
+    path = (path if path.is_absolute() else state / path) / base_model.JUDGE
+    if not base or not path.is_file():
+        return {}
+    prompts = [prompt for prompt, _ in samples]
+    marks = Judge.load(path).score([image for _, image in samples], prompts)
+    by: dict[str, list[dict[str, bool]]] = {}
+    for prompt, mark in zip(prompts, marks, strict=True):
+        concept = asked(prompt).concept
+        if concept is not None:
+            by.setdefault(concept, []).append(mark)
+    return {concept: {"shows": round(sum(m["concept"] for m in ms) / len(ms), 4),
+                      **({"colour": round(sum(m["colour"] for m in ms if "colour" in m)
+                                          / n, 4)}
+                         if (n := sum("colour" in m for m in ms)) else {}),
+                      "images": len(ms)}
+            for concept, ms in sorted(by.items())}
 
 
 def _tensorboard(

@@ -30,7 +30,8 @@ VERSION_EVENTS = (
 # -- versions --------------------------------------------------------------------------------
 
 
-def _version_dict(row: dict[str, Any], head: str | None, in_lineage: set[str]) -> dict[str, Any]:
+def _version_dict(row: dict[str, Any], head: str | None, in_lineage: set[str],
+                  judged: dict[str, Any]) -> dict[str, Any]:
     name = row["version"]
     held = bool(row["held"])
     return {
@@ -53,6 +54,8 @@ def _version_dict(row: dict[str, Any], head: str | None, in_lineage: set[str]) -
         "in_head_lineage": name in in_lineage,
         "held": held,
         "held_reason": row["held_reason"] if held else None,
+        # the base's judge on the samples, per concept (models/judge.py); {} without one
+        "judge": judged.get(name, {}),
     }
 
 
@@ -63,7 +66,8 @@ def version_rows(journal: Journal) -> list[dict[str, Any]]:
     builds on); `held` a version the promotion gate (or a manual gate) kept off the head."""
     head = queries.head_version(journal)
     in_lineage = set(queries.lineage(journal, head))
-    return [_version_dict(row, head, in_lineage) for row in queries.versions(journal)]
+    judged = queries.judged(journal)
+    return [_version_dict(row, head, in_lineage, judged) for row in queries.versions(journal)]
 
 
 def tree_labels(rows: list[dict[str, Any]]) -> dict[str, str]:

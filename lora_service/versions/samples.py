@@ -178,11 +178,15 @@ def _label(journal: Journal, version: str) -> list[str]:
     row = version_row(journal, version)
     loss = row["val_loss"]
     is_head = " (head)" if queries.head_version(journal) == version else ""
-    return [
+    lines = [
         f"{version}{is_head}",
         f"parent: {row['parent'] or 'none'}",
         f"val loss: {loss:.4f}" if loss is not None else "val loss: n/a",
     ]
+    judged = queries.judged(journal).get(version)
+    if judged:  # what the base model's judge saw in the version's samples
+        lines.append("judge: " + ", ".join(f"{c} {s['shows']:.0%}" for c, s in judged.items()))
+    return lines
 
 
 def default_pair(journal: Journal, v1: str | None, v2: str | None) -> tuple[str, str]:
