@@ -6,9 +6,9 @@ solid, six colours, three backgrounds); what it has never seen — a new shape n
 outline only) — is what a dropped batch can teach it, and what the judge
 (`models.judge`) tells apart. Tests, benches and the README's walkthrough make their batches here.
 
-Every scene is a pure function of (seed, index): the same arguments give the same pixels on
-every machine (PIL's drawing is integer arithmetic; no floating-point blending is left to chance
-beyond PIL's own deterministic resampling).
+Every scene is a pure function of (seed, index): the same arguments give the same scene
+everywhere, and the same pixels with the same Pillow (its polygon filling and resampling may
+change between versions).
 """
 
 from __future__ import annotations

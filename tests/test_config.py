@@ -23,6 +23,9 @@ def test_shipped_configs_load() -> None:
     example = load_config(ROOT / "daemon/config.example-sd15.yaml")
     assert example.base_model.endswith("stable-diffusion-v1-5")
     assert example.train.incremental_lr_factor == 0.4
+    shapes = load_config(ROOT / "daemon/config.example-shapes.yaml")
+    assert shapes.base_model == "builtin:shapes-sd" and shapes.paths.state == ROOT / "state-shapes"
+    assert all(" on a " in p for p in shapes.samples.prompts)  # prompts of its world: judged
 
 
 def test_relative_paths_resolve_against_the_config_folder(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,6 @@ def test_a_scene_is_a_pure_function_of_seed_and_index() -> None:
     many = world.scenes(40, seed=7, shapes=world.SHAPES, hollow=None)
     assert many[:3] == few
     assert world.scenes(40, seed=8, shapes=world.SHAPES) != many
-    digest = [hashlib.sha256(s.draw(64).tobytes()).hexdigest() for s in few]
-    assert digest == [hashlib.sha256(s.draw(64).tobytes()).hexdigest() for s in few]
     assert {s.shape for s in many} == set(world.SHAPES)  # every chosen shape turns up
     assert {s.hollow for s in many} == {False, True}
 
@@ -83,11 +82,35 @@ def test_example_batch_refuses_bad_input_in_one_line(tmp_path: Path, args: list[
     assert not (tmp_path / "b").exists()
 
 
-def test_example_batch_never_writes_into_a_folder_with_files(tmp_path: Path) -> None:
+def test_example_batch_never_writes_into_or_through_what_exists(tmp_path: Path) -> None:
     out = tmp_path / "taken"
     out.mkdir()
     (out / "mine.png").write_bytes(b"precious")
-    done = lora("example-batch", str(out), "-n", "2")
-    assert done.returncode == 2 and "not empty" in done.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(empty)
+    for target in (out, empty, link):
+        done = lora("example-batch", str(target), "-n", "2")
+        assert done.returncode == 2 and "exists" in done.stderr, done.stderr
     assert [p.name for p in out.iterdir()] == ["mine.png"]
     assert (out / "mine.png").read_bytes() == b"precious"
+    assert not list(empty.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "link", "taken"]  # no leftovers
+
+
+def test_example_batch_where_it_cannot_write_is_one_line(tmp_path: Path) -> None:
+    done = lora("example-batch", str(tmp_path / "missing" / "b"), "-n", "2")
+    assert done.returncode == 2 and "cannot write here" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "missing").exists()
+
+
+def test_a_scene_draws_the_same_pixels_in_another_process() -> None:
+    code = ("import hashlib; from lora_service import world; print(' '.join(hashlib.sha256("
+            "s.draw(64).tobytes()).hexdigest() for s in world.scenes(6, 5, hollow=None, "
+            "shapes=world.SHAPES)))")
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.split()
+    here = [hashlib.sha256(s.draw(64).tobytes()).hexdigest()
+            for s in world.scenes(6, 5, hollow=None, shapes=world.SHAPES)]
+    assert there == here

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import click
@@ -115,15 +118,26 @@ def example_batch(directory: Path, shapes: tuple[str, ...], colours: tuple[str, 
                   hollow: str, count: int, seed: int, size: int, ready: bool) -> None:
     """Draw a captioned batch from the procedural world `builtin:shapes-sd` learned from.
 
-    Each image gets a caption sidecar ("a red zorb on a gray background"). Draw it outside the
-    inbox and move it in, or into the inbox directly: the READY marker comes last.
+    Each image gets a caption sidecar ("a red zorb on a gray background"). DIRECTORY must not
+    exist; it appears whole (drawn in a hidden sibling, then renamed), so it may be in the inbox.
     """
-    if directory.exists() and any(directory.iterdir()):
-        raise click.UsageError(f"{directory}: exists and is not empty; name a new folder")
+    if directory.exists() or directory.is_symlink():
+        raise click.UsageError(f"{directory}: exists; name a new folder")
     chosen = world.scenes(count, seed, shapes=shapes or world.BASE_SHAPES,
                           colours=colours or tuple(world.COLOURS),
                           hollow={"no": False, "yes": True, "mixed": None}[hollow])
-    world.write_batch(directory, chosen, size, ready="READY" if ready else None)
+    # drawn in a hidden sibling (an inbox ignores dot-folders) and renamed whole: nothing
+    # half-written is ever visible under the name, and nothing already there is written through
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    except OSError as exc:
+        raise click.UsageError(f"{directory.parent}: cannot write here ({exc.strerror})") from None
+    try:
+        world.write_batch(tmp, chosen, size, ready="READY" if ready else None)
+        os.rename(tmp, directory)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise click.UsageError(f"{directory}: not written ({exc.strerror})") from None
     echo(f"wrote {count} images with captions to {directory}"
          + (" (and READY)" if ready else ""))
 

@@ -252,6 +252,8 @@ class VersionExported(Event):
 
 
 class SamplesRendered(Event):
+    SCHEMA: ClassVar[int] = 2  # 2: judged (1 reads with defaults)
+
     version: str
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]

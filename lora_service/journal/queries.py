@@ -703,14 +703,9 @@ def loss_tail(journal: Journal, runs: Sequence[tuple[str, str | None]],
 
 
 def judged(journal: Journal) -> dict[str, dict[str, dict[str, float]]]:
-    """version -> the judge's scores of its latest successfully rendered samples (versions
-    whose base has no judge are absent)."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for stored in journal.events(types=("SamplesRendered",)):
-        p = stored.payload
-        if not p.get("error"):
-            if p.get("judged"):
-                out[p["version"]] = p["judged"]
-            else:
-                out.pop(p["version"], None)
-    return out
+    """version -> the judge's scores of its latest samples, when that render succeeded and its
+    base ships a judge (others are absent)."""
+    rows = journal.query("SELECT s.version, e.payload FROM samples s JOIN events e ON "
+                         "e.seq = s.seq WHERE s.error IS NULL")
+    out = {r["version"]: json.loads(r["payload"]).get("judged") for r in rows}
+    return {v: scores for v, scores in out.items() if scores}

@@ -4,11 +4,11 @@ Public API (others call these):
 - `materialise(spec, state_dir) -> BaseModel`: `builtin:tiny-sd` (random, for mechanical tests)
   is built offline from `lora_service.models.tiny_sd` (configs) and
   `torch.manual_seed(tiny_sd.SEED)`; `builtin:shapes-sd` (pretrained, it draws) from the weights
-  shipped in the package (`shapes_sd.py`), checked against their recorded sha256, plus its
-  judge in `judge/`. Either is written once to `state/base/<name>/` as a normal diffusers folder
-  (`StableDiffusionPipeline.save_pretrained` into a temporary sibling, fsynced, renamed); a
-  local diffusers folder or a single-file `.safetensors` checkpoint is used in place. Nothing
-  ever reaches a model hub.
+  shipped in the package (`shapes_sd.py`), checked against their recorded sha256 (its judge,
+  `judge_for`, is read from the package too). Either is written once to `state/base/<name>/`
+  as a normal diffusers folder (`StableDiffusionPipeline.save_pretrained` into a temporary
+  sibling, fsynced, renamed); a local diffusers folder or a single-file `.safetensors`
+  checkpoint is used in place. Nothing ever reaches a model hub.
 - `register(journal, base)`: appends `BaseModelRegistered` once per sha256.
 - `load_pipeline_components(base) -> (unet, vae, text_encoder, tokenizer, noise_scheduler)`.
 - `clip_tokenizer()`: the real CLIP tokenizer (49,408 tokens) built from the BPE vocabulary
@@ -24,7 +24,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -51,7 +50,6 @@ from lora_service.store import fsync_dir, fsync_tree, sha256_file
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("tiny-sd", "shapes-sd")
-JUDGE = Path("judge") / "judge.safetensors"  # inside a base folder that ships one
 Kind = Literal["builtin", "diffusers", "single_file"]
 # shipped diffusers-layout configs a single-file SD 1.x checkpoint is loaded against
 SD15_CONFIG = Path(__file__).with_name("sd15")
@@ -150,15 +148,28 @@ def shipped(name: str, folder: Path = shapes_sd.WEIGHTS_DIR) -> Path:
     return path
 
 
+def shapes_sd_modules(folder: Path = shapes_sd.WEIGHTS_DIR, *,
+                      check: bool = True) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """The pretrained UNet and VAE from fp16 safetensors (in fp32), built from the configs in
+    `shapes_sd.py` (not from files beside the weights: only what is hash-checked decides)."""
+    unet = UNet2DConditionModel(**shapes_sd.UNET)
+    vae = AutoencoderKL(**{**shapes_sd.VAE, "scaling_factor": shapes_sd.SCALING_FACTOR})
+    for name, module in (("unet", unet), ("vae", vae)):
+        path = shipped(f"{name}.safetensors", folder) if check else folder / f"{name}.safetensors"
+        module.load_state_dict({k: v.float() for k, v in load_file(path).items()}, strict=True)
+    return unet.eval(), vae.eval()
+
+
+def judge_for(spec: str) -> Path | None:
+    """The judge that ships with a base model (`builtin:shapes-sd`'s, sha256-checked), or None:
+    a judge knows one world, and only a builtin's world is known."""
+    return shipped("judge.safetensors") if spec == f"{BUILTIN_PREFIX}shapes-sd" else None
+
+
 def build_shapes_sd() -> Any:
-    """The pretrained builtin: shipped fp16 UNet and VAE (in fp32), the text encoder rebuilt."""
-    modules = {}
-    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
-        config = json.loads((shapes_sd.WEIGHTS_DIR / f"{name}.json").read_text())
-        module = cls.from_config(config)
-        state = load_file(shipped(f"{name}.safetensors"))
-        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        modules[name] = module.eval()
+    """The pretrained builtin: shipped fp16 UNet and VAE, the text encoder rebuilt."""
+    unet, vae = shapes_sd_modules()
+    modules = {"unet": unet, "vae": vae}
     return StableDiffusionPipeline(
         vae=modules["vae"],
         text_encoder=shapes_text_encoder(),
@@ -176,12 +187,8 @@ def _write_builtin(name: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if name == "shapes-sd":
-        build_shapes_sd().save_pretrained(tmp, safe_serialization=True)
-        (tmp / JUDGE).parent.mkdir()
-        shutil.copyfile(shipped("judge.safetensors"), tmp / JUDGE)
-    else:
-        build_tiny_sd().save_pretrained(tmp, safe_serialization=True)
+    build = build_shapes_sd if name == "shapes-sd" else build_tiny_sd
+    build().save_pretrained(tmp, safe_serialization=True)
     fsync_tree(tmp)
     try:
         os.replace(tmp, target)

@@ -3,7 +3,7 @@
 A small CNN trained on `lora_service.world`'s ground truth (every shape, the new ones and the
 hollow style included) that names an image's shape, colour and style. It scores a sample against
 its prompt by the world's words in the prompt: the concept (shape and style) and the colour.
-Shipped next to `builtin:shapes-sd` (`weights/shapes-sd/judge.safetensors`, ~250 KB).
+Shipped next to `builtin:shapes-sd` (`weights/shapes-sd/judge.safetensors`, ~200 KB).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pretrain `builtin:shapes-sd` and its judge on the procedural world, from a seed, offline.
 
-    .venv/bin/python -m lora_service.models.pretrain [--out DIR] [--scale 1.0]
+    .venv/bin/python -m lora_service.models.pretrain --out DIR [--scale 1.0] [--judge-only]
 
 1. The world's base part (`world.BASE_SHAPES`, solid, every colour and background) is drawn at
    64 px. 2. The VAE learns to reconstruct it (MSE + a small KL term); its latents' std sets
@@ -12,8 +12,11 @@
    judge scores them; the report goes to `report.json`. Weights are written in fp16 safetensors
    with their sha256 (paste `WEIGHTS` into `shapes_sd.py`).
 
-Single-threaded where it matters for repeatability: a rerun with the same torch on the same CPU
-gives the same bytes; different CPUs may differ in the last bits of float sums.
+Seeded throughout: a rerun with the same torch, Pillow, thread count and CPU gives the same
+bytes (the judge stage rerun with `--judge-only` reproduced judge.safetensors exactly); other
+CPUs or thread counts may differ in the last bits of float sums.
+
+    .venv/bin/python -m lora_service.models.pretrain --out lora_service/models/weights/shapes-sd
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lora_service import world
 from lora_service.models import judge, shapes_sd
-from lora_service.models.base_model import clip_tokenizer, shapes_text_encoder
+from lora_service.models.base_model import clip_tokenizer, shapes_sd_modules, shapes_text_encoder
 from lora_service.store import sha256_file
 
 PX = shapes_sd.RESOLUTION
@@ -61,26 +65,37 @@ def embed(captions: list[str]) -> dict[str, torch.Tensor]:
     return dict(zip(unique, hidden, strict=True))
 
 
-def train_vae(images: torch.Tensor, steps: int, batch: int, log: Any) -> AutoencoderKL:
-    torch.manual_seed(shapes_sd.SEED)
-    vae = AutoencoderKL(**shapes_sd.VAE)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps,
-                                                pct_start=0.05)
-    gen = torch.Generator().manual_seed(shapes_sd.SEED)
+def fit(name: str, module: torch.nn.Module, loss_of: Callable[[], torch.Tensor], steps: int,
+        log: Any, *, lr: float, weight_decay: float, pct_start: float = 0.3,
+        clip: float | None = 1.0) -> None:
+    """AdamW on a one-cycle schedule: the loop the VAE, the UNet and the judge share."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=pct_start)
     for step in range(steps):
-        x = as_float(images[torch.randint(0, len(images), (batch,), generator=gen)])
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss = loss_of()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"vae {step}/{steps} loss {loss.item():.4f}")
+            log(f"{name} {step}/{steps} loss {loss.item():.4f}")
+
+
+def train_vae(images: torch.Tensor, steps: int, batch: int, log: Any) -> AutoencoderKL:
+    torch.manual_seed(shapes_sd.SEED)
+    vae = AutoencoderKL(**shapes_sd.VAE)
+    gen = torch.Generator().manual_seed(shapes_sd.SEED)
+
+    def loss() -> torch.Tensor:
+        x = as_float(images[torch.randint(0, len(images), (batch,), generator=gen)])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        return F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
+
+    fit("vae", vae, loss, steps, log, lr=1e-3, weight_decay=0.0, pct_start=0.05)
     return vae.eval().requires_grad_(False)
 
 
@@ -99,27 +114,18 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, cond: torch.Tensor, empty:
     torch.manual_seed(shapes_sd.SEED)
     unet = UNet2DConditionModel(**shapes_sd.UNET)
     noise_scheduler = DDPMScheduler(**shapes_sd.SCHEDULER)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps,
-                                                pct_start=0.05)
     gen = torch.Generator().manual_seed(shapes_sd.SEED + 1)
-    for step in range(steps):
+
+    def loss() -> torch.Tensor:
         idx = torch.randint(0, len(mean), (batch,), generator=gen)
         latents = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         c = cond[idx].clone()
-        drop = torch.rand(batch, generator=gen) < 0.1
-        c[drop] = empty
+        c[torch.rand(batch, generator=gen) < 0.1] = empty  # for classifier-free guidance
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, c).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"unet {step}/{steps} loss {loss.item():.4f}")
+        return F.mse_loss(unet(noise_scheduler.add_noise(latents, noise, t), t, c).sample, noise)
+
+    fit("unet", unet, loss, steps, log, lr=1e-3, weight_decay=0.01, pct_start=0.05)
     return unet.eval().requires_grad_(False)
 
 
@@ -127,21 +133,15 @@ def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], steps: in
                 log: Any) -> judge.Net:
     torch.manual_seed(shapes_sd.SEED + 2)
     net = judge.Net()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(shapes_sd.SEED + 3)
-    for step in range(steps):
+
+    def loss() -> torch.Tensor:
         idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x = images[idx]
-        x = x + 0.03 * torch.randn(x.shape, generator=gen)  # a sampler's leftover noise
+        x = images[idx] + 0.03 * torch.randn(images[idx].shape, generator=gen)  # sampler noise
         out = net(x)
-        loss = torch.stack([F.cross_entropy(out[k], labels[k][idx]) for k in judge.HEADS]).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"judge {step}/{steps} loss {loss.item():.4f}")
+        return torch.stack([F.cross_entropy(out[k], labels[k][idx]) for k in judge.HEADS]).sum()
+
+    fit("judge", net, loss, steps, log, lr=3e-3, weight_decay=1e-4, clip=None)
     return net.eval()
 
 
@@ -167,7 +167,9 @@ def roundtrip(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=shapes_sd.WEIGHTS_DIR)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder to write (the shipped one: lora_service/models/weights/"
+                             "shapes-sd; then paste WEIGHTS and SCALING_FACTOR into shapes_sd.py)")
     parser.add_argument("--scale", type=float, default=1.0, help="steps x this (a quick try)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--judge-only", action="store_true",
@@ -183,8 +185,7 @@ def main() -> None:
         return max(1, round(n * args.scale))
 
     if args.judge_only:
-        unet, vae = (load(args.out, name, cls) for name, cls in
-                     (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)))
+        unet, vae = shapes_sd_modules(args.out, check=False)
     else:
         unet, vae = train_models(steps, log)
 
@@ -227,14 +228,6 @@ def train_models(steps: Any, log: Any) -> tuple[UNet2DConditionModel, Autoencode
     return unet, vae
 
 
-def load(folder: Path, name: str, cls: Any) -> Any:
-    """A module as written by `save` (fp16 on disk, fp32 here)."""
-    module = cls.from_config(json.loads((folder / f"{name}.json").read_text()))
-    module.load_state_dict({k: v.float() for k, v in load_file(folder / f"{name}.safetensors")
-                            .items()})
-    return module.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def sample_report(unet: Any, vae: Any, net: judge.Net, log: Any) -> dict[str, Any]:
     """One sample per base prompt (3 shapes x 6 colours x 3 backgrounds, minus clashes) with the
@@ -265,12 +258,12 @@ def save(out: Path, unet: Any, vae: Any, net: judge.Net, report: dict[str, Any],
     for name, module in () if judge_only else (("unet", unet), ("vae", vae)):
         save_file({k: v.half().contiguous() for k, v in module.state_dict().items()},
                   out / f"{name}.safetensors")
-        (out / f"{name}.json").write_text(json.dumps(dict(module.config), indent=1, default=list))
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous()
                for k, v in net.state_dict().items()}, out / "judge.safetensors")
     (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     hashes = {p.name: sha256_file(p) for p in sorted(out.glob("*.safetensors"))}
     print("WEIGHTS =", json.dumps(hashes, indent=4))
+    print("SCALING_FACTOR =", vae.config.scaling_factor)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy
@@ -218,7 +217,7 @@ def render_samples(
                 images[name] = image
                 row.append(image)
             rows.append((f"{i}: {prompt}", row))
-        judged = judge_samples(journal, config.paths.state, renderer.row,
+        judged = judge_samples(journal, renderer.row,
                                [(prompt, image) for prompt, (_, row) in
                                 zip(s.prompts, rows, strict=True) for image in row])
         headers = [[version, f"seed {seed}"] for seed in s.seeds]
@@ -255,29 +254,35 @@ def render_samples(
     return event
 
 
-def judge_samples(journal: Journal, state: Path, row: dict[str, Any],
+def judge_samples(journal: Journal, row: dict[str, Any],
                   samples: list[tuple[str, Image.Image]]) -> dict[str, dict[str, float]]:
-    """The version's base model's judge on its samples, per concept the prompts name: the share
-    that shows it (shape and style) and the share in the prompt's colour. {} when the base
-    ships no judge or no prompt names a concept of its world."""
+    """The judge of the version's base model on its samples, per concept the prompts name: the
+    share that shows it (shape and style) and the share in the prompt's colour. {} when the
+    base ships no judge, no prompt names a concept of its world, or the judge fails (logged:
+    a judge is a view of the samples, never a reason to lose them)."""
     base = queries.base_model(journal, row["base_sha256"]) or {}
-    path = Path(base.get("path") or "")
-    path = (path if path.is_absolute() else state / path) / base_model.JUDGE
-    if not base or not path.is_file():
+    try:
+        path = base_model.judge_for(base["spec"]) if base.get("kind") == "builtin" else None
+        if path is None:
+            return {}
+        prompts = [prompt for prompt, _ in samples]
+        marks = Judge.load(path).score([image for _, image in samples], prompts)
+    except Exception as exc:  # noqa: BLE001
+        get_logger("lora_service.samples").warning("judge failed", error=str(exc))
         return {}
-    prompts = [prompt for prompt, _ in samples]
-    marks = Judge.load(path).score([image for _, image in samples], prompts)
     by: dict[str, list[dict[str, bool]]] = {}
     for prompt, mark in zip(prompts, marks, strict=True):
         concept = asked(prompt).concept
         if concept is not None:
             by.setdefault(concept, []).append(mark)
-    return {concept: {"shows": round(sum(m["concept"] for m in ms) / len(ms), 4),
-                      **({"colour": round(sum(m["colour"] for m in ms if "colour" in m)
-                                          / n, 4)}
-                         if (n := sum("colour" in m for m in ms)) else {}),
-                      "images": len(ms)}
-            for concept, ms in sorted(by.items())}
+    out: dict[str, dict[str, float]] = {}
+    for concept, ms in sorted(by.items()):
+        out[concept] = {"shows": round(sum(m["concept"] for m in ms) / len(ms), 4),
+                        "images": len(ms)}
+        coloured = [m["colour"] for m in ms if "colour" in m]
+        if coloured:
+            out[concept]["colour"] = round(sum(coloured) / len(coloured), 4)
+    return out
 
 
 def _tensorboard(

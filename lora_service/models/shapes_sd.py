@@ -6,7 +6,8 @@ tokenizer, rebuilt from `SEED` rather than shipped (it is random: its 49,408-wor
 be most of the download). The UNet and VAE were pretrained by `python -m
 lora_service.models.pretrain` on the base part of `lora_service.world` (three solid shapes, six
 colours, three backgrounds) and ship in `weights/shapes-sd/` as fp16 safetensors, next to the
-judge (`models.judge`). `WEIGHTS` holds their sha256: a changed file is refused, not used.
+judge (`models.judge`). `WEIGHTS` holds their sha256: a changed file is refused, not used; the
+configs are these dicts (with `SCALING_FACTOR`), not files beside the weights.
 """
 
 from __future__ import annotations
@@ -21,30 +22,22 @@ RESOLUTION = 64
 WEIGHTS_DIR = Path(__file__).with_name("weights") / "shapes-sd"
 
 UNET: dict[str, Any] = {
+    **tiny_sd.UNET,
     "sample_size": RESOLUTION // 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 1,
     "block_out_channels": (64, 128),
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     "cross_attention_dim": 64,
     "attention_head_dim": 8,
-    "norm_num_groups": 32,
 }
 
 VAE: dict[str, Any] = {
+    **tiny_sd.VAE,
     "sample_size": RESOLUTION,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "block_out_channels": (32, 32, 64, 64),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
     "norm_num_groups": 16,
-    "scaling_factor": 1.0,  # pretrain.py sets it to 1 / std of the world's latents
+    "scaling_factor": 1.0,  # pretrain.py measures it: 1 / std of the world's latents
 }
+SCALING_FACTOR = 0.71335  # what pretrain.py measured for the shipped VAE
 
 TEXT_ENCODER: dict[str, Any] = {
     **tiny_sd.TEXT_ENCODER,

@@ -184,8 +184,8 @@ def _label(journal: Journal, version: str) -> list[str]:
         f"val loss: {loss:.4f}" if loss is not None else "val loss: n/a",
     ]
     judged = queries.judged(journal).get(version)
-    if judged:  # what the base model's judge saw in the version's samples
-        lines.append("judge: " + ", ".join(f"{c} {s['shows']:.0%}" for c, s in judged.items()))
+    for concept, score in (judged or {}).items():  # what the base's judge saw in its samples
+        lines.append(f"judge: {concept} {score['shows']:.0%}")
     return lines
 
 

@@ -40,7 +40,7 @@ def test_a_changed_weight_file_is_refused(tmp_path: Path) -> None:
     (copy / "unet.safetensors").write_bytes(bytes(data))
     assert base_model.shipped("vae.safetensors", copy) == copy / "vae.safetensors"
     with pytest.raises(UsageError, match="unet.safetensors is missing or not the file"):
-        base_model.shipped("unet.safetensors", copy)
+        base_model.shapes_sd_modules(copy)  # what materialise builds from
 
 
 def test_the_judge_names_the_world_s_concepts() -> None:
@@ -63,8 +63,7 @@ def test_prompts_are_read_in_the_world_s_words() -> None:
 
 def test_the_base_draws_what_its_prompts_ask_for(tmp_path: Path) -> None:
     base = base_model.materialise("builtin:shapes-sd", tmp_path)
-    assert (base.path / base_model.JUDGE).is_file()
-    assert "base/shapes-sd/judge/judge.safetensors" in base.files
+    assert {Path(f).parts[2] for f in base.files} == {"unet", "vae", "text_encoder"}
     unet, vae, te, tok, sched = base_model.load_pipeline_components(base)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -83,6 +82,8 @@ def test_the_base_draws_what_its_prompts_ask_for(tmp_path: Path) -> None:
         for prompt in prompts:
             images += pipe(prompt, num_inference_steps=20, guidance_scale=4.0, height=64,
                            width=64, generator=torch.Generator().manual_seed(seed)).images
-    marks = Judge.load(base.path / base_model.JUDGE).score(images, prompts * 2)
+    judge = base_model.judge_for(base.spec)
+    assert judge is not None and base_model.judge_for("builtin:tiny-sd") is None
+    marks = Judge.load(judge).score(images, prompts * 2)
     shows = sum(m["concept"] for m in marks) / len(marks)
     assert shows >= BASE_SHOWS, [(p, m) for p, m in zip(prompts * 2, marks, strict=True)]
