@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import os
 import sys
@@ -35,10 +34,9 @@ from lora_service import world  # noqa: E402
 from lora_service.config import Config, load_config  # noqa: E402
 from lora_service.daemon.child import Child  # noqa: E402
 from lora_service.daemon.plan import plan_run  # noqa: E402
+from lora_service.inbox.intake import Intake  # noqa: E402
 from lora_service.journal import Journal, queries  # noqa: E402
-from lora_service.journal.events import BatchAccepted, ImageRecord  # noqa: E402
 from lora_service.logs import log_file  # noqa: E402
-from lora_service.store import sha256_file  # noqa: E402
 from lora_service.training.timing import logged  # noqa: E402
 
 COLOURS = ("red", "blue", "green", "orange")
@@ -66,27 +64,19 @@ def write_config(root: Path, name: str) -> Config:
     return load_config(path)
 
 
-def accept(state: Path, name: str, scenes: list[world.Scene], captions: list[str] | None = None
-           ) -> str:
-    """Draw scenes as an accepted batch (what intake would journal for them)."""
-    tmp = state / "tmp-batch" / name
-    world.write_batch(tmp, scenes)
-    records = []
-    for i, scene in enumerate(scenes):
-        path = tmp / f"{i:04d}.png"
-        caption = captions[i] if captions else scene.caption
-        path.with_suffix(".txt").write_text(caption + "\n")
-        records.append(ImageRecord(file=path.name, sha256=sha256_file(path), caption=caption,
-                                   caption_source="sidecar", width=64, height=64))
-    key = "".join(sorted(r.sha256 + r.caption for r in records))
-    batch_id = hashlib.sha256(key.encode()).hexdigest()[:16]
-    (state / "batches").mkdir(parents=True, exist_ok=True)
-    tmp.rename(state / "batches" / batch_id)
-    files = {f"batches/{batch_id}/{r.file}": r.sha256 for r in records}
-    with Journal.for_state(state) as journal:
-        journal.append(BatchAccepted(name=name, batch_id=batch_id, images=tuple(records),
-                                     moved_to=f".accepted/{name}", files=files))
-    return batch_id
+def accept(config: Config, name: str, scenes: list[world.Scene],
+           captions: list[str] | None = None) -> str:
+    """Drop the scenes into the inbox (`captions` replacing theirs) and take them in as the
+    daemon does (`Intake.scan`); the batch id."""
+    folder = config.paths.inbox / name
+    world.write_batch(folder, scenes)
+    for i, caption in enumerate(captions or []):
+        (folder / f"{i:04d}.txt").write_text(caption + "\n")
+    (folder / config.inbox.ready_marker).touch()
+    with Journal.for_state(config.paths.state) as journal:
+        outcome = Intake(journal, config).scan(now=1e12)[0]
+    assert outcome.batch_id is not None, outcome
+    return outcome.batch_id
 
 
 def register_base(config: Config) -> None:
@@ -140,15 +130,15 @@ def main() -> None:
         b = world.scenes(args.images_b, 200, shapes=("zorb",), hollow=True)
         for config in (inc, full):
             register_base(config)
-        accept(inc.paths.state, "zorbs", a)
+        accept(inc, "zorbs", a)
         v1 = train(inc, fresh=False)
-        accept(inc.paths.state, "hollow-zorbs", b)
+        accept(inc, "hollow-zorbs", b)
         v2 = train(inc, fresh=False)
-        accept(full.paths.state, "zorbs", a)
-        accept(full.paths.state, "hollow-zorbs", b)
+        accept(full, "zorbs", a)
+        accept(full, "hollow-zorbs", b)
         retrain = train(full, fresh=False)
         others = world.scenes(20, 300, shapes=("circle", "square"))
-        poison = accept(inc.paths.state, "poison", others,
+        poison = accept(inc, "poison", others,
                         captions=[s.caption.replace(s.shape, "zorb") for s in others])
         v3 = train(inc, fresh=False)
     # the base, as the judge sees it: pretrain.py's report (every base prompt drew its shape)
